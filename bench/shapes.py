@@ -1,0 +1,98 @@
+"""The shape catalogue shared by the static schedule analysis and the wall-clock benchmarks.
+
+Model shapes: Llama-3.1-8B (32 q heads, 8 KV heads, head dim 128, vocab 128256) and Qwen3-8B
+(32 q heads, 8 KV heads, head dim 128, vocab 151936). Their DFlash drafters share the target's
+attention geometry; block size 16 (Qwen3 drafters) and 10 (the Llama-3.1 drafter).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+CONTEXTS = (1024, 4096, 16384)
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionShape:
+    name: str
+    num_seqs: int
+    q_len: int            # new tokens per sequence (1 = decode, 16 = verify)
+    kv_len: int           # keys per sequence, counting the new tokens
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    page_size: int = 16
+    dtype: str = "bfloat16"
+    mixed: bool = False   # True: a ragged batch (decode + verify + prefill chunk), see below
+
+    @property
+    def pages_per_seq(self) -> int:
+        return -(-self.kv_len // self.page_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockAttentionShape:
+    name: str
+    batch: int
+    block_size: int
+    ctx_len: int
+    max_ctx: int          # S_max, the static cache capacity
+    num_q_heads: int = 32
+    num_kv_heads: int = 8
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyAcceptShape:
+    name: str
+    batch: int
+    block_size: int
+    vocab: int
+    dtype: str = "bfloat16"
+    sampling: bool = False
+
+
+def _paged() -> list[PagedAttentionShape]:
+    out = []
+    for page_size in (16, 64):
+        for ctx in CONTEXTS:
+            for b in (8, 64):
+                out.append(PagedAttentionShape(f"decode-b{b}-ctx{ctx}-p{page_size}", b, 1, ctx,
+                                               page_size=page_size))
+            out.append(PagedAttentionShape(f"verify16-b8-ctx{ctx}-p{page_size}", 8, 16, ctx,
+                                           page_size=page_size))
+    # Mixed: 8 sequences at 4k context, 4 decoding, 3 verifying 16-token blocks, 1 prefill chunk
+    # of 256 tokens. q_len/kv_len give the largest member; the builder lays out the batch.
+    out.append(PagedAttentionShape("mixed-b8-ctx4096-p16", 8, 256, 4096, mixed=True))
+    return out
+
+
+PAGED_ATTENTION: list[PagedAttentionShape] = _paged()
+
+BLOCK_ATTENTION: list[BlockAttentionShape] = [
+    BlockAttentionShape(f"qwen3-8b-drafter-b{b}-bs16-ctx{ctx}", b, 16, ctx, max(8192, ctx))
+    for b in (1, 32) for ctx in (512, 2048, 8192, 32768)
+] + [
+    BlockAttentionShape(f"llama31-drafter-b{b}-bs10-ctx{ctx}", b, 10, ctx, max(8192, ctx))
+    for b in (1, 32) for ctx in (512, 2048, 8192, 32768)
+]
+
+VERIFY_ACCEPT: list[VerifyAcceptShape] = [
+    VerifyAcceptShape("qwen3-b64-bs16-greedy", 64, 16, 151936),
+    VerifyAcceptShape("qwen3-b64-bs16-sampling", 64, 16, 151936, sampling=True),
+    VerifyAcceptShape("llama31-b1-bs10-greedy", 1, 10, 128256),
+    VerifyAcceptShape("llama31-b1-bs10-sampling", 1, 10, 128256, sampling=True),
+]
+
+CATALOGUE = {
+    "paged_attention": PAGED_ATTENTION,
+    "block_attention": BLOCK_ATTENTION,
+    "verify_accept": VERIFY_ACCEPT,
+}
+
+
+def find(kernel: str, name: str):
+    for shape in CATALOGUE[kernel]:
+        if shape.name == name:
+            return shape
+    raise KeyError(f"no {kernel} shape named {name!r}; known: {[s.name for s in CATALOGUE[kernel]]}")

@@ -1,0 +1,8 @@
+"""pallas-dflash kernels: hand-written Pallas TPU kernels for DFlash speculative decoding.
+
+Execution: compiled Mosaic on a TPU backend, the TPU interpreter elsewhere; every kernel takes
+``interpret=`` (see `pallas_ops.execution`).
+"""
+from pallas_ops.execution import default_interpret_params, on_tpu, resolve_interpret
+
+__all__ = ["default_interpret_params", "on_tpu", "resolve_interpret"]

@@ -1,0 +1,1 @@
+"""NumPy (float64) references that the Pallas kernels are property-tested against."""
