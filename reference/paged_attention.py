@@ -1,0 +1,81 @@
+"""NumPy float64 reference of ragged paged causal attention and of the KV-page write.
+
+Same contract (and argument names) as `pallas_ops.paged_attention`:
+
+    paged_attention(q [T, Hq, D], k_pages [Hkv, P, page_size, D], v_pages, kv_lens [S],
+                    page_indices [S, pages_per_seq], cu_q_lens [S + 1], num_seqs,
+                    *, sm_scale=None, soft_cap=None, sliding_window=None) -> [T, Hq, D] float64
+
+Query i of sequence s (q_len = cu_q_lens[s+1] - cu_q_lens[s]) sits at position
+kv_len - q_len + i and sees keys at positions j with j <= that position and, with a sliding
+window w, j > position - w. Head h of q reads KV head h // G (G = Hq // Hkv). Rows past
+cu_q_lens[num_seqs] are zeros. Only the page-table entries a sequence needs are read.
+Written as plain loops over sequences and heads, for clarity rather than speed.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _num(num_seqs) -> int:
+    return int(np.asarray(num_seqs).reshape(-1)[0])
+
+
+def gather_sequence_kv(k_pages, v_pages, page_indices, seq, kv_len):
+    """The first kv_len keys/values of sequence `seq`: two float64 [Hkv, kv_len, D] arrays."""
+    page_size = k_pages.shape[2]
+    n_pages = -(-kv_len // page_size)
+    pages = [int(p) for p in np.asarray(page_indices)[seq, :n_pages]]
+    k = np.concatenate([np.asarray(k_pages[:, p], np.float64) for p in pages], axis=1)
+    v = np.concatenate([np.asarray(v_pages[:, p], np.float64) for p in pages], axis=1)
+    return k[:, :kv_len], v[:, :kv_len]
+
+
+def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                    sm_scale=None, soft_cap=None, sliding_window=None):
+    q = np.asarray(q, np.float64)
+    t_rows, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    g = hq // hkv
+    scale = 1.0 / np.sqrt(d) if sm_scale is None else float(sm_scale)
+    kv_lens = np.asarray(kv_lens)
+    cu = np.asarray(cu_q_lens)
+    out = np.zeros((t_rows, hq, d), np.float64)
+    for s in range(_num(num_seqs)):
+        q_start, q_end = int(cu[s]), int(cu[s + 1])
+        q_len, kv_len = q_end - q_start, int(kv_lens[s])
+        if q_len == 0:
+            continue
+        k, v = gather_sequence_kv(k_pages, v_pages, page_indices, s, kv_len)
+        q_pos = kv_len - q_len + np.arange(q_len)                       # [q_len]
+        k_pos = np.arange(kv_len)                                       # [kv_len]
+        mask = k_pos[None, :] <= q_pos[:, None]
+        if sliding_window is not None:
+            mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
+        for h in range(hq):
+            kh, vh = k[h // g], v[h // g]
+            logits = q[q_start:q_end, h] @ kh.T * scale                # [q_len, kv_len]
+            if soft_cap is not None:
+                logits = soft_cap * np.tanh(logits / soft_cap)
+            logits = np.where(mask, logits, -np.inf)
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            out[q_start:q_end, h] = p @ vh
+    return out
+
+
+def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs):
+    """Returns copies of (k_pages, v_pages) with token i of sequence s written at position
+    kv_lens[s] - q_len_s + i (page page_indices[s, pos // page_size], row pos % page_size)."""
+    k_out, v_out = np.array(k_pages), np.array(v_pages)
+    k_new, v_new = np.asarray(k_new), np.asarray(v_new)
+    page_size = k_out.shape[2]
+    kv_lens, cu, table = np.asarray(kv_lens), np.asarray(cu_q_lens), np.asarray(page_indices)
+    for s in range(_num(num_seqs)):
+        q_start, q_end = int(cu[s]), int(cu[s + 1])
+        for i, row in enumerate(range(q_start, q_end)):
+            pos = int(kv_lens[s]) - (q_end - q_start) + i
+            page = int(table[s, pos // page_size])
+            k_out[:, page, pos % page_size] = k_new[row]
+            v_out[:, page, pos % page_size] = v_new[row]
+    return k_out, v_out
