@@ -1,0 +1,152 @@
+"""The peer: jax's bundled Pallas TPU paged attention, at the catalogue's decode shapes.
+
+`jax.experimental.pallas.ops.tpu.paged_attention` (jax 0.10.2) is the kernel ours is measured
+against: same bench protocol as `bench/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
+and the wall-clock benchmark treat it like one of ours.
+
+Its contract differs from ours: q is [B, Hq, D] (decode only, one query per sequence) and already
+scaled by 1/sqrt(D); K/V pages are [Hkv, P, page_size, D]; `lengths` [B] int32;
+`page_indices` [B, pages_per_seq] int32. It streams `pages_per_compute_block` pages per DMA'd block;
+we use 128-token blocks (8 pages of 16 tokens, 2 of 64), the configuration the issue's target
+(about 750 bundles per 128-token block at G=4, D=128 on v5p) was measured at.
+
+Its main loop is the `fori_loop` over KV blocks inside each (core, sequence, kv head) grid step:
+one iteration waits for the K and V pages of one block of one kv head, issues the next block's
+DMAs, and does the online-softmax update. On a two-TensorCore chip (v5p) we run it with
+`megacore_mode="batch"` (its best megacore split when B is even), elsewhere with None.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+from bench import shapes as shapes_mod
+
+KERNEL = "peer_jax_paged_attention"
+# jax's pallas_call has no name=: the HLO custom call takes the name of the enclosing jit
+# (`paged_attention`), with op_name "jit(paged_attention)/jit(paged_attention)/pallas_call".
+CALL_NAME = "paged_attention"
+BLOCK_TOKENS = 128
+
+
+def shapes() -> list:
+    """The catalogue shapes this peer runs at: paged-attention decode (q_len 1), not mixed."""
+    return [s for s in shapes_mod.PAGED_ATTENTION if s.q_len == 1 and not s.mixed]
+
+
+def find(name: str):
+    for s in shapes():
+        if s.name == name:
+            return s
+    raise KeyError(f"no decode shape named {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+
+
+def pages_per_compute_block(shape) -> int:
+    if BLOCK_TOKENS % shape.page_size:
+        raise ValueError(f"page_size {shape.page_size} does not divide {BLOCK_TOKENS}")
+    return BLOCK_TOKENS // shape.page_size
+
+
+def megacore_mode(shape, chip: str) -> str | None:
+    from pallas_ops.chips import CHIPS
+
+    if CHIPS[chip].tensorcores == 2 and shape.num_seqs % 2 == 0:
+        return "batch"
+    return None
+
+
+def _padded_pages_per_seq(shape) -> int:
+    ppcb = pages_per_compute_block(shape)
+    return -(-shape.pages_per_seq // ppcb) * ppcb
+
+
+def build(shape, *, chip: str = "v5p"):
+    """(fn, args) for `shape`: fn(q, k_pages, v_pages, lengths, page_indices) -> [B, Hq, D]."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    if shape.q_len != 1 or shape.mixed:
+        raise ValueError(f"{KERNEL} is decode-only (q_len 1); shape {shape.name} has q_len {shape.q_len}")
+    dtype = jnp.dtype(shape.dtype)
+    b, hq, hkv, d = shape.num_seqs, shape.num_q_heads, shape.num_kv_heads, shape.head_dim
+    pps = _padded_pages_per_seq(shape)
+    total_pages = b * pps
+    args = (
+        jax.ShapeDtypeStruct((b, hq, d), dtype),                                   # q (pre-scaled)
+        jax.ShapeDtypeStruct((hkv, total_pages, shape.page_size, d), dtype),      # k_pages
+        jax.ShapeDtypeStruct((hkv, total_pages, shape.page_size, d), dtype),      # v_pages
+        jax.ShapeDtypeStruct((b,), jnp.int32),                                    # lengths
+        jax.ShapeDtypeStruct((b, pps), jnp.int32),                                # page_indices
+    )
+    fn = functools.partial(paged_attention,
+                           pages_per_compute_block=pages_per_compute_block(shape),
+                           megacore_mode=megacore_mode(shape, chip))
+    return fn, args
+
+
+def hbm_bytes(shape) -> int:
+    """Bytes the call must move: every valid key and value once, q in, o out, page table."""
+    item = np.dtype(shape.dtype).itemsize if shape.dtype != "bfloat16" else 2
+    kv = 2 * shape.num_seqs * shape.num_kv_heads * shape.kv_len * shape.head_dim * item
+    qo = 2 * shape.num_seqs * shape.num_q_heads * shape.head_dim * item
+    table = shape.num_seqs * (_padded_pages_per_seq(shape) + 1) * 4
+    return kv + qo + table
+
+
+def main_loop(shape, *, chip: str = "v5p"):
+    """The static-analysis protocol (see CONTRIBUTING.md): the block loop and its HBM bytes."""
+    from bench.static import MainLoop
+
+    item = 2 if shape.dtype == "bfloat16" else np.dtype(shape.dtype).itemsize
+    blocks = -(-shape.kv_len // BLOCK_TOKENS)
+    mode = megacore_mode(shape, chip)
+    return MainLoop(
+        call_name=CALL_NAME,
+        # K and V of one 128-token block of one kv head (whole pages are DMA'd).
+        bytes_per_iteration=2 * BLOCK_TOKENS * shape.head_dim * item,
+        iterations=shape.num_seqs * shape.num_kv_heads * blocks,
+        cores=2 if mode is not None else 1,
+        outer_iterations=shape.num_seqs * shape.num_kv_heads,   # grid steps (sequence, kv head)
+    )
+
+
+def main(argv=None):
+    """Wall-clock benchmark on a TPU (random data, full lengths); static analysis elsewhere."""
+    import argparse
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_ops.chips import current_chip
+
+    p = argparse.ArgumentParser(prog="python -m bench.peer_jax_paged_attention")
+    p.add_argument("--shape", action="append", help="catalogue decode shape (default: all)")
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args(argv)
+    chip = current_chip()
+    if chip is None:
+        print("no TPU: use `python -m bench static --kernel peer_jax_paged_attention` instead")
+        return 1
+    for shape in [find(n) for n in a.shape] if a.shape else shapes():
+        fn, specs = build(shape, chip=chip)
+        key = jax.random.key(0)
+        q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+                   for i, s in enumerate(specs[:3]))
+        lengths = jnp.full(specs[3].shape, shape.kv_len, jnp.int32)
+        table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
+        f = jax.jit(fn)
+        f(q, k, v, lengths, table).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            out = f(q, k, v, lengths, table)
+        out.block_until_ready()
+        dt = (time.perf_counter() - t0) / a.iters
+        print(f"{shape.name}: {dt * 1e6:.1f} us, {hbm_bytes(shape) / dt / 1e9:.0f} GB/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
