@@ -1,0 +1,519 @@
+"""Ragged paged causal attention (the target model's attention) as a hand-written Pallas TPU kernel.
+
+One kernel serves a ragged batch mixing decode (q_len 1), verify (q_len = block size) and prefill
+chunks. Layout of the work:
+
+- The wrapper packs q as [Hkv, T_pad * G, D] (row = token * G + g): all G q heads of a KV head are
+  the rows of one matmul (GQA packing). The grid is (KV-head groups, q blocks); a grid step owns
+  `kv_heads` KV heads and `q_tokens` consecutive tokens, i.e. a [kv_heads, q_rows, D] tile.
+- The wrapper lists, per q block, the sequences that own rows of it ("pairs"), and for each pair
+  the page-table slots it needs: from the first page inside the sliding window (or 0) to the page
+  of the pair's last query position. Pages past that are never DMA'd.
+- The kernel walks the (pair, KV block) steps of its q block in one `fori_loop`, double-buffered:
+  while block i is computed, the pages of block i+1 (possibly the next sequence's) are in flight.
+  One DMA per page moves all `kv_heads` heads of that page ([kv_heads, page_size, D], strided), and
+  a full block is waited for with one semaphore wait.
+- Online softmax in f32 with running max / sum / accumulator per q row in VMEM scratch. Rows of
+  the tile owned by another sequence (or padding) are masked to -inf, so they are untouched; key
+  columns are masked causally (aligned to the end of the sequence) and by the sliding window.
+- V columns that hold no real data in a tail block (pages not DMA'd, rows past kv_len in the last
+  page) are zeroed in VMEM before use, so stale or NaN VMEM cannot reach the output.
+
+`write_kv_pages` is a second kernel: one DMA per new token ([Hkv, D] into its page row, strided),
+in place on the aliased page arrays.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_ops.chips import CHIPS, MiB, current_chip
+from pallas_ops.execution import resolve_interpret
+from pallas_ops.paged_attention_block_sizes import (
+    PagedAttentionBlockSizes,
+    ResolvedBlockSizes,
+    resolve,
+)
+from pallas_ops.paged_attention_validation import (
+    check_paged_attention_inputs,
+    check_static_attention,
+    check_static_write,
+)
+from pallas_ops.paged_attention_xla import row_sequence_info
+
+__all__ = [
+    "paged_attention",
+    "write_kv_pages",
+    "PagedAttentionBlockSizes",
+    "check_paged_attention_inputs",
+    "vmem_estimate_bytes",
+]
+
+NEG_INF = float("-inf")
+
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+# ------------------------------------------------------------------------------------------------
+# Work list (computed in the wrapper with jnp, scalar-prefetched into SMEM)
+# ------------------------------------------------------------------------------------------------
+
+def _work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size,
+               pages_per_block, sliding_window):
+    """Per q block: its (q block, sequence) pairs, and per pair the pages it needs.
+
+    Returns int32 arrays:
+      pair_start [NQB + 1]: pairs of q block qb are pair_start[qb] : pair_start[qb + 1]
+      pair_seq, pair_first_page, pair_num_pages, pair_num_blocks [W] (W = NQB + S)
+      block_steps [NQB]: number of (pair, KV block) steps of each q block
+    """
+    s_max = kv_lens.shape[0]
+    n = jnp.reshape(num_seqs, (-1,))[0]
+    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
+    q_start, q_end = cu_q_lens[:-1], cu_q_lens[1:]
+    qb_start = jnp.arange(num_q_blocks, dtype=jnp.int32) * q_tokens          # [NQB]
+    qb_end = qb_start + q_tokens
+    overlap = ((seq_ids < n) & (q_end > q_start))[None, :] & (
+        q_start[None, :] < qb_end[:, None]) & (q_end[None, :] > qb_start[:, None])  # [NQB, S]
+    w_max = num_q_blocks + s_max
+    (flat,) = jnp.nonzero(overlap.reshape(-1), size=w_max, fill_value=0)
+    flat = flat.astype(jnp.int32)
+    pair_qb, pair_seq = flat // s_max, flat % s_max
+    counts = jnp.sum(overlap, axis=1, dtype=jnp.int32)
+    pair_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
+
+    # Query positions of the pair's rows: pos(t) = kv_len - q_end + t.
+    off = kv_lens[pair_seq] - q_end[pair_seq]
+    t_lo = jnp.maximum(q_start[pair_seq], qb_start[pair_qb])
+    t_hi = jnp.minimum(q_end[pair_seq], qb_end[pair_qb]) - 1
+    pos_lo, pos_hi = off + t_lo, off + t_hi
+    if sliding_window is None:
+        first_key = jnp.zeros_like(pos_lo)
+    else:
+        first_key = jnp.maximum(pos_lo - sliding_window + 1, 0)
+    first_page = first_key // page_size
+    num_pages = pos_hi // page_size - first_page + 1
+    valid = jnp.arange(w_max, dtype=jnp.int32) < pair_start[-1]
+    num_pages = jnp.where(valid, num_pages, 0)
+    first_page = jnp.where(valid, first_page, 0)
+    num_blocks = _cdiv(num_pages, pages_per_block)
+    steps = jax.ops.segment_sum(num_blocks, pair_qb, num_segments=num_q_blocks).astype(jnp.int32)
+    return (pair_start, pair_seq.astype(jnp.int32), first_page.astype(jnp.int32),
+            num_pages.astype(jnp.int32), num_blocks.astype(jnp.int32), steps)
+
+
+# ------------------------------------------------------------------------------------------------
+# The attention kernel
+# ------------------------------------------------------------------------------------------------
+
+def _attention_kernel(
+    # Prefetch (SMEM)
+    kv_lens_ref,          # [S] int32
+    page_table_ref,       # [S * pages_per_seq] int32 (flattened page table)
+    cu_q_lens_ref,        # [S + 1] int32
+    pair_start_ref,       # [NQB + 1] int32
+    pair_seq_ref,         # [W] int32
+    pair_first_page_ref,  # [W] int32
+    pair_num_pages_ref,   # [W] int32
+    pair_num_blocks_ref,  # [W] int32
+    block_steps_ref,      # [NQB] int32
+    # Inputs
+    q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
+    k_hbm,                # [Hkv, P, page_size, D] HBM
+    v_hbm,                # [Hkv, P, page_size, D] HBM
+    # Outputs
+    o_ref,                # [hb, q_rows, D] VMEM
+    # Scratch
+    k_buf,                # [2, hb, kv_tokens, D] VMEM, double-buffered K block
+    v_buf,                # [2, hb, kv_tokens, D] VMEM, double-buffered V block
+    sems,                 # DMA semaphores [2 (K, V), 2 (slot)]
+    qs_ref,               # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
+    m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
+    l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
+    acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
+    *,
+    sm_scale: float,
+    soft_cap: float | None,
+    sliding_window: int | None,
+    group: int,
+    page_size: int,
+    pages_per_seq: int,
+    bs: ResolvedBlockSizes,
+):
+    hb, q_rows, head_dim = q_ref.shape
+    ppb, kv_tokens = bs.pages_per_block, bs.kv_tokens
+    hg, qb = pl.program_id(0), pl.program_id(1)
+    h0 = hg * hb
+    cdt = k_buf.dtype
+
+    m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    qs_ref[...] = (q_ref[...].astype(jnp.float32) * sm_scale).astype(cdt)
+
+    n_steps = block_steps_ref[qb]
+    w_first = pair_start_ref[qb]
+
+    def block_pages(w, b):
+        """(sequence, first page-table slot, pages to load) of KV block b of pair w."""
+        first = pair_first_page_ref[w] + b * ppb
+        n = jnp.minimum(ppb, pair_num_pages_ref[w] - b * ppb)
+        return pair_seq_ref[w], first, n
+
+    def page_copies(seq, slot_in_table, j, buf_slot):
+        page = page_table_ref[seq * pages_per_seq + slot_in_table]
+        dst = pl.ds(pl.multiple_of(j * page_size, page_size), page_size)
+        ck = pltpu.make_async_copy(k_hbm.at[pl.ds(h0, hb), page],
+                                   k_buf.at[buf_slot, :, dst], sems.at[0, buf_slot])
+        cv = pltpu.make_async_copy(v_hbm.at[pl.ds(h0, hb), page],
+                                   v_buf.at[buf_slot, :, dst], sems.at[1, buf_slot])
+        return ck, cv
+
+    def start_block(w, b, buf_slot):
+        seq, first, n = block_pages(w, b)
+
+        def start_page(j, carry):
+            ck, cv = page_copies(seq, first + j, j, buf_slot)
+            ck.start()
+            cv.start()
+            return carry
+
+        lax.fori_loop(0, n, start_page, 0)
+
+    def wait_block(w, b, buf_slot):
+        seq, first, n = block_pages(w, b)
+
+        @pl.when(n == ppb)
+        def _():  # a full block: one wait per buffer, for all its pages' bytes
+            pltpu.make_async_copy(k_buf.at[buf_slot], k_buf.at[buf_slot], sems.at[0, buf_slot]).wait()
+            pltpu.make_async_copy(v_buf.at[buf_slot], v_buf.at[buf_slot], sems.at[1, buf_slot]).wait()
+
+        @pl.when(n < ppb)
+        def _():
+            def wait_page(j, carry):
+                ck, cv = page_copies(seq, first + j, j, buf_slot)
+                ck.wait()
+                cv.wait()
+                return carry
+
+            lax.fori_loop(0, n, wait_page, 0)
+
+    def sanitize_tail(w, b, buf_slot):
+        """Zero V columns without real data: pages not loaded, rows at or past kv_len."""
+        seq, first, n = block_pages(w, b)
+        valid_end = jnp.minimum(n * page_size, kv_lens_ref[seq] - first * page_size)
+
+        @pl.when(valid_end < kv_tokens)
+        def _():
+            col = lax.broadcasted_iota(jnp.int32, (kv_tokens, head_dim), 0)
+            for h in range(hb):
+                v = v_buf[buf_slot, h]
+                v_buf[buf_slot, h] = jnp.where(col < valid_end, v, jnp.zeros_like(v))
+
+    def compute_block(w, b, buf_slot):
+        seq, first, _ = block_pages(w, b)
+        q_lo, q_hi = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
+        off = kv_lens_ref[seq] - q_hi                     # query position = off + token
+        base = first * page_size                          # key position of column 0
+        row_tok = qb * bs.q_tokens + lax.broadcasted_iota(jnp.int32, (q_rows, 1), 0) // group
+        row_ok = (row_tok >= q_lo) & (row_tok < q_hi)     # [q_rows, 1]
+        # key position - query token; causal: kp <= off + t  <=>  kp - t <= off
+        diff = base + lax.broadcasted_iota(jnp.int32, (q_rows, kv_tokens), 1) - row_tok
+        mask = row_ok & (diff <= off)
+        if sliding_window is not None:
+            mask = mask & (diff > off - sliding_window)
+
+        for h in range(hb):
+            s = lax.dot_general(qs_ref[h], k_buf[buf_slot, h], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)   # [q_rows, kv_tokens]
+            if soft_cap is not None:
+                s = soft_cap * jnp.tanh(s / soft_cap)
+            s = jnp.where(mask, s, NEG_INF)
+            m_prev = m_ref[h][:, :1]
+            l_prev = l_ref[h][:, :1]
+            m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+            m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+            p = jnp.exp(s - m_safe)
+            alpha = jnp.exp(m_prev - m_safe)
+            l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
+            pv = lax.dot_general(p.astype(cdt), v_buf[buf_slot, h], (((1,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)  # [q_rows, D]
+            acc_ref[h] = alpha * acc_ref[h] + pv
+            m_ref[h] = jnp.broadcast_to(m_new, (q_rows, 128))
+            l_ref[h] = jnp.broadcast_to(l_new, (q_rows, 128))
+
+    @pl.when(n_steps > 0)
+    def _():
+        start_block(w_first, 0, 0)
+
+    def step(i, carry):
+        w, b, buf_slot = carry
+        last = b + 1 >= pair_num_blocks_ref[w]
+        w_next = jnp.where(last, w + 1, w)
+        b_next = jnp.where(last, 0, b + 1)
+
+        @pl.when(i + 1 < n_steps)
+        def _():
+            start_block(w_next, b_next, 1 - buf_slot)
+
+        wait_block(w, b, buf_slot)
+        sanitize_tail(w, b, buf_slot)
+        compute_block(w, b, buf_slot)
+        return w_next, b_next, 1 - buf_slot
+
+    lax.fori_loop(0, n_steps, step, (w_first, jnp.int32(0), jnp.int32(0)))
+
+    for h in range(hb):
+        l = l_ref[h][:, :1]
+        out = acc_ref[h] / jnp.where(l > 0.0, l, 1.0)
+        o_ref[h] = out.astype(o_ref.dtype)
+
+
+def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype) -> int:
+    """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries."""
+    qi, ki = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
+    tiles = 2 * 2 * kv_heads * q_rows * head_dim * qi                # q in + out, double-buffered
+    kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki                # K and V, two slots
+    scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
+    temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
+    return tiles + kv + scratch + temps
+
+
+def _vmem_limit(estimate: int, chip: str | None) -> int:
+    budget = CHIPS[chip].vmem_bytes if chip is not None else 64 * MiB
+    if estimate > budget * 3 // 4:
+        raise ValueError(f"block sizes need ~{estimate / MiB:.1f} MiB of VMEM, over 3/4 of the "
+                         f"{budget / MiB:.0f} MiB of {chip or 'the smallest supported chip'}; "
+                         "use smaller block_sizes.kv_tokens / kv_heads / q_tokens")
+    return int(min(budget * 3 // 4, max(32 * MiB, 2 * estimate)))
+
+
+def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                    sm_scale=None, soft_cap=None, sliding_window=None, block_sizes=None,
+                    chip=None, validate=False, interpret=None):
+    """Ragged paged causal attention (GQA) over a paged KV cache.
+
+    Args:
+      q: [T, Hq, D] bf16/f32: the new tokens of all sequences, concatenated in sequence order.
+      k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32 (same dtype; f32 stays f32).
+      kv_lens: int32 [S]: keys per sequence, counting its new tokens.
+      page_indices: int32 [S, pages_per_seq]: page table (slots past a sequence's need are never
+        read and may hold anything).
+      cu_q_lens: int32 [S + 1]: sequence s owns q rows cu_q_lens[s] : cu_q_lens[s + 1].
+      num_seqs: int32 scalar or [1]: sequences in use (slots >= num_seqs are padding).
+      sm_scale: softmax scale, default 1/sqrt(D). soft_cap: logits -> c * tanh(logits / c).
+      sliding_window: a query at position p sees keys at positions > p - sliding_window.
+      block_sizes: `PagedAttentionBlockSizes` or None (the table entry for `chip`).
+      chip: 'v5e' | 'v5p' | 'v6e' | None (the current TPU, else the fallback): picks block sizes
+        and the VMEM budget. Only needed when compiling ahead of time for another chip.
+      validate: check the dynamic facts on the host first (needs concrete arrays).
+      interpret: see `pallas_ops.execution.resolve_interpret`.
+    Returns:
+      [T, Hq, D] in q's dtype. Query i of sequence s sits at position kv_len - q_len + i and sees
+      keys 0..that position (and only the last sliding_window of them); rows past
+      cu_q_lens[num_seqs] are zeros.
+    """
+    if isinstance(num_seqs, int):
+        num_seqs = jnp.int32(num_seqs)
+    geo = check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                 sm_scale=sm_scale, soft_cap=soft_cap,
+                                 sliding_window=sliding_window)
+    if chip is not None and chip not in CHIPS:
+        raise ValueError(f"chip must be one of {sorted(CHIPS)} or None, got {chip!r}")
+    if validate:
+        check_paged_attention_inputs(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    chip = chip if chip is not None else current_chip()
+    bs = resolve(block_sizes, chip=chip, num_tokens=geo.num_tokens, max_seqs=geo.max_seqs,
+                 num_kv_heads=geo.num_kv_heads, group=geo.group, page_size=geo.page_size,
+                 pages_per_seq=geo.pages_per_seq)
+    scale = 1.0 / math.sqrt(geo.head_dim) if sm_scale is None else float(sm_scale)
+    return _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                            sm_scale=scale,
+                            soft_cap=None if soft_cap is None else float(soft_cap),
+                            sliding_window=None if sliding_window is None else int(sliding_window),
+                            bs=bs, chip=chip, interpret=resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "bs", "chip",
+                                             "interpret"))
+def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+                     soft_cap, sliding_window, bs, chip, interpret):
+    t, hq, d = q.shape
+    hkv, total_pages, page_size, _ = k_pages.shape
+    s_max, pps = page_indices.shape
+    g = hq // hkv
+    nqb = _cdiv(t, bs.q_tokens)
+    t_pad = nqb * bs.q_tokens
+    # GQA packing: [T, Hq, D] -> [Hkv, T_pad * G, D], row = token * G + g.
+    qp = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
+    qp = qp.reshape(t_pad, hkv, g, d).transpose(1, 0, 2, 3).reshape(hkv, t_pad * g, d)
+
+    work = _work_list(kv_lens, cu_q_lens, num_seqs, num_q_blocks=nqb, q_tokens=bs.q_tokens,
+                      page_size=page_size, pages_per_block=bs.pages_per_block,
+                      sliding_window=sliding_window)
+    prefetch = (kv_lens, page_indices.reshape(-1), cu_q_lens) + work
+
+    hb, rows = bs.kv_heads, bs.q_rows
+    kernel = functools.partial(
+        _attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        group=g, page_size=page_size, pages_per_seq=pps, bs=bs)
+    tile = pl.BlockSpec((hb, rows, d), lambda hg, qb, *_: (hg, qb, 0))
+    estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
+                                   q_dtype=q.dtype, kv_dtype=k_pages.dtype)
+    kv_item = jnp.dtype(k_pages.dtype).itemsize
+    max_keys = min(pps * page_size, total_pages * page_size)
+    cost = pl.CostEstimate(
+        flops=4 * t * hq * d * max_keys,
+        transcendentals=t * hq * max_keys,
+        bytes_accessed=2 * q.size * q.dtype.itemsize
+        + 2 * min(s_max * pps, total_pages) * hkv * page_size * d * kv_item)
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((hkv, t_pad * g, d), q.dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(hkv // hb, nqb),
+            in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            out_specs=tile,
+            scratch_shapes=[
+                pltpu.VMEM((2, hb, bs.kv_tokens, d), k_pages.dtype),
+                pltpu.VMEM((2, hb, bs.kv_tokens, d), k_pages.dtype),
+                pltpu.SemaphoreType.DMA((2, 2)),
+                pltpu.VMEM((hb, rows, d), k_pages.dtype),
+                pltpu.VMEM((hb, rows, 128), jnp.float32),
+                pltpu.VMEM((hb, rows, 128), jnp.float32),
+                pltpu.VMEM((hb, rows, d), jnp.float32),
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"),
+            vmem_limit_bytes=_vmem_limit(estimate, chip)),
+        cost_estimate=cost,
+        name="dflash_paged_attention",
+        interpret=interpret,
+    )(*prefetch, qp, k_pages, v_pages)
+    out = out.reshape(hkv, t_pad, g, d).transpose(1, 0, 2, 3).reshape(t_pad, hq, d)
+    return out[:t]
+
+
+# ------------------------------------------------------------------------------------------------
+# write_kv_pages
+# ------------------------------------------------------------------------------------------------
+
+_WRITE_WINDOW = 16  # DMAs in flight per stream before the oldest is waited for
+
+
+def _write_kernel(
+    # Prefetch (SMEM)
+    num_rows_ref,         # [1] int32: rows to write (cu_q_lens[num_seqs])
+    dst_page_ref,         # [T] int32: page of each new row
+    dst_row_ref,          # [T] int32: row inside that page
+    # Inputs
+    k_new_hbm,            # [T, Hkv, D] HBM
+    v_new_hbm,            # [T, Hkv, D] HBM
+    k_pages_in,           # [Hkv, P, page_size, D] HBM (aliased to k_pages_out)
+    v_pages_in,           # [Hkv, P, page_size, D] HBM (aliased to v_pages_out)
+    # Outputs
+    k_pages_out,          # [Hkv, P, page_size, D] HBM
+    v_pages_out,          # [Hkv, P, page_size, D] HBM
+    # Scratch
+    sems,                 # DMA semaphores [2 (K, V)]
+):
+    del k_pages_in, v_pages_in
+    n = num_rows_ref[0]
+
+    def copies(t):
+        page, row = dst_page_ref[t], dst_row_ref[t]
+        ck = pltpu.make_async_copy(k_new_hbm.at[t], k_pages_out.at[:, page, row], sems.at[0])
+        cv = pltpu.make_async_copy(v_new_hbm.at[t], v_pages_out.at[:, page, row], sems.at[1])
+        return ck, cv
+
+    def body(t, carry):
+        ck, cv = copies(t)
+        ck.start()
+        cv.start()
+
+        @pl.when(t >= _WRITE_WINDOW)
+        def _():
+            # Every row DMA has the same size, so any row's descriptor waits for one of them.
+            ok, ov = copies(t - _WRITE_WINDOW)
+            ok.wait()
+            ov.wait()
+
+        return carry
+
+    lax.fori_loop(0, n, body, 0)
+
+    def drain(t, carry):
+        ck, cv = copies(t)
+        ck.wait()
+        cv.wait()
+        return carry
+
+    lax.fori_loop(jnp.maximum(n - _WRITE_WINDOW, 0), n, drain, 0)
+
+
+def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                   validate=False, interpret=None):
+    """Writes the new tokens' keys/values into their pages, in place.
+
+    Args:
+      k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32: the caches (aliased to the outputs;
+        donate them under jit to update in place).
+      k_new, v_new: [T, Hkv, D], same dtype as the pages.
+      kv_lens, page_indices, cu_q_lens, num_seqs: as in `paged_attention` (kv_lens already counts
+        the new tokens).
+      validate: check the dynamic facts on the host first (needs concrete arrays).
+    Token i of sequence s is written at position kv_lens[s] - q_len_s + i, i.e. into page
+    page_indices[s, pos // page_size], row pos % page_size. Rows past cu_q_lens[num_seqs] are not
+    written; nothing else in the pages changes.
+    Returns: (k_pages, v_pages), updated.
+    """
+    if isinstance(num_seqs, int):
+        num_seqs = jnp.int32(num_seqs)
+    check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs)
+    if validate:
+        check_paged_attention_inputs(k_new, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    return _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
+                           num_seqs, interpret=resolve_interpret(interpret))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                    interpret):
+    t = k_new.shape[0]
+    page_size, pps = k_pages.shape[2], page_indices.shape[1]
+    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, t)
+    slot = jnp.clip(pos // page_size, 0, pps - 1)
+    dst_page = jnp.where(valid, page_indices[seq, slot], 0).astype(jnp.int32)
+    dst_row = jnp.where(valid, pos % page_size, 0).astype(jnp.int32)
+    n = jnp.reshape(num_seqs, (-1,))[0]
+    num_rows = jnp.reshape(jnp.minimum(cu_q_lens[n], t), (1,)).astype(jnp.int32)
+    item = jnp.dtype(k_pages.dtype).itemsize
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    return pl.pallas_call(
+        _write_kernel,
+        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
+                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=3,
+            grid=(1,),
+            in_specs=[any_spec] * 4,
+            out_specs=(any_spec, any_spec),
+            scratch_shapes=[pltpu.SemaphoreType.DMA((2,))],
+        ),
+        input_output_aliases={5: 0, 6: 1},
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
+        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
+                                      bytes_accessed=4 * k_new.size * item),
+        name="dflash_write_kv_pages",
+        interpret=interpret,
+    )(num_rows, dst_page, dst_row, k_new, v_new, k_pages, v_pages)

@@ -1,0 +1,107 @@
+"""Block sizes of the paged attention kernel: a frozen dataclass, a per-generation table, a fallback.
+
+Three knobs:
+- `kv_tokens`: keys per compute block (a multiple of the page size; the block's pages are DMA'd
+  together, one DMA per page covering all KV heads of the block). Large blocks amortise the
+  per-block work (DMA issue, waits, softmax bookkeeping) over many HBM bytes.
+- `kv_heads`: KV heads handled by one grid step (divides Hkv). On megacore chips (v5p: two
+  TensorCores behind one device) half the heads per step gives the parallel grid axis two
+  entries even for one q block, so both cores stream KV.
+- `q_tokens`: q tokens per grid step (rows of the packed q tile = q_tokens * G). A sequence whose
+  q rows span two q blocks is read twice, so verify wants q_tokens >= the verify length; decode
+  wants few rows per block (every pair of (q block, sequence) computes all the block's rows and
+  masks the foreign ones). `None` lets the wrapper choose from the shapes (see `resolve`).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_ops.chips import CHIPS, current_chip
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionBlockSizes:
+    kv_tokens: int = 512
+    kv_heads: int | None = None      # None: all KV heads (or half of them on megacore chips)
+    q_tokens: int | None = None      # None: chosen from the call's shapes
+
+    def __post_init__(self):
+        if not isinstance(self.kv_tokens, int) or self.kv_tokens < 16 or self.kv_tokens % 16:
+            raise ValueError(f"kv_tokens must be a positive multiple of 16, got {self.kv_tokens!r}")
+        if self.kv_heads is not None and (not isinstance(self.kv_heads, int) or self.kv_heads < 1):
+            raise ValueError(f"kv_heads must be a positive int or None, got {self.kv_heads!r}")
+        if self.q_tokens is not None and (not isinstance(self.q_tokens, int) or self.q_tokens < 1):
+            raise ValueError(f"q_tokens must be a positive int or None, got {self.q_tokens!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedBlockSizes:
+    """Concrete block sizes for one call (all static)."""
+    pages_per_block: int
+    kv_tokens: int            # pages_per_block * page_size
+    kv_heads: int
+    q_tokens: int
+    q_rows: int               # q_tokens * G
+
+
+# Per generation: the table's defaults. kv_heads=None resolves to Hkv (single core) or Hkv // 2
+# (megacore) in `resolve`.
+TABLE: dict[str, PagedAttentionBlockSizes] = {
+    "v5e": PagedAttentionBlockSizes(kv_tokens=512),
+    "v5p": PagedAttentionBlockSizes(kv_tokens=512),
+    "v6e": PagedAttentionBlockSizes(kv_tokens=512),
+}
+FALLBACK = PagedAttentionBlockSizes(kv_tokens=512)
+
+# Upper bound on the rows of the packed q tile (q_tokens * G) when q_tokens is chosen here.
+MAX_Q_ROWS = 256
+
+
+def default_block_sizes(chip: str | None = None) -> PagedAttentionBlockSizes:
+    """The table entry for `chip` (default: the current TPU generation), else the fallback."""
+    chip = chip if chip is not None else current_chip()
+    return TABLE.get(chip, FALLBACK) if chip is not None else FALLBACK
+
+
+def _pow2_ceil(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, num_tokens: int,
+            max_seqs: int, num_kv_heads: int, group: int, page_size: int,
+            pages_per_seq: int) -> ResolvedBlockSizes:
+    """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid."""
+    if block_sizes is None:
+        block_sizes = default_block_sizes(chip)
+    if not isinstance(block_sizes, PagedAttentionBlockSizes):
+        raise ValueError(f"block_sizes must be a PagedAttentionBlockSizes or None, got "
+                         f"{type(block_sizes).__name__}")
+    chip = chip if chip is not None else current_chip()
+    megacore = chip is not None and CHIPS[chip].tensorcores > 1
+    if chip is None:
+        megacore = True  # unknown target: keep two grid entries along the parallel axis
+
+    # KV block: whole pages, no more than one sequence can use.
+    pages_per_block = max(1, block_sizes.kv_tokens // page_size)
+    pages_per_block = min(pages_per_block, pages_per_seq)
+
+    if block_sizes.kv_heads is None:
+        kv_heads = num_kv_heads // 2 if (megacore and num_kv_heads % 2 == 0) else num_kv_heads
+    else:
+        kv_heads = block_sizes.kv_heads
+    if num_kv_heads % kv_heads:
+        raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
+
+    if block_sizes.q_tokens is None:
+        if num_tokens <= max_seqs:          # decode-like: about one token per sequence
+            q_tokens = max(1, 32 // group)
+        else:                               # verify / prefill: cover a whole verify block
+            q_tokens = _pow2_ceil(-(-num_tokens // max_seqs))
+            q_tokens = max(16, min(q_tokens, MAX_Q_ROWS // group))
+        q_tokens = max(q_tokens, 8 // group if group < 8 else 1)
+    else:
+        q_tokens = block_sizes.q_tokens
+    if (q_tokens * group) % 8:
+        raise ValueError(f"block_sizes.q_tokens={q_tokens} times G={group} must be a multiple of 8")
+    return ResolvedBlockSizes(pages_per_block, pages_per_block * page_size, kv_heads, q_tokens,
+                              q_tokens * group)
