@@ -1,0 +1,67 @@
+"""Host-side page allocator for the target's paged KV cache.
+
+Pages are handed out per slot (a row of the page table) and returned when the slot's sequence
+finishes, so a finished slot can take a new prompt. Pure Python/NumPy: nothing here touches the
+device.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class OutOfPages(RuntimeError):
+    """Not enough free pages for a request."""
+
+
+class PageAllocator:
+    """Free-list allocator over `num_pages` pages for `max_slots` page-table rows.
+
+    `page_table` is int32 [max_slots, pages_per_seq]; entries a slot does not own hold
+    `unused_index` (0 by default; tests use a huge index so a stray read fails loudly).
+    """
+
+    def __init__(self, num_pages: int, page_size: int, max_slots: int, pages_per_seq: int, *,
+                 unused_index: int = 0):
+        if num_pages <= 0 or page_size <= 0 or max_slots <= 0 or pages_per_seq <= 0:
+            raise ValueError("num_pages, page_size, max_slots and pages_per_seq must be positive")
+        self.num_pages, self.page_size = num_pages, page_size
+        self.pages_per_seq = pages_per_seq
+        self.unused_index = unused_index
+        self._free = list(range(num_pages - 1, -1, -1))      # pop() hands out low pages first
+        self._owned: list[list[int]] = [[] for _ in range(max_slots)]
+        self.page_table = np.full((max_slots, pages_per_seq), unused_index, np.int32)
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.page_size)
+
+    def owned(self, slot: int) -> list[int]:
+        return list(self._owned[slot])
+
+    def can_allocate(self, slot: int, num_tokens: int) -> bool:
+        need = self.pages_for(num_tokens) - len(self._owned[slot])
+        return need <= len(self._free) and self.pages_for(num_tokens) <= self.pages_per_seq
+
+    def ensure(self, slot: int, num_tokens: int) -> None:
+        """Make `slot` own enough pages for `num_tokens` tokens (positions 0..num_tokens-1)."""
+        want = self.pages_for(num_tokens)
+        if want > self.pages_per_seq:
+            raise OutOfPages(f"{num_tokens} tokens need {want} pages > pages_per_seq="
+                             f"{self.pages_per_seq}")
+        owned = self._owned[slot]
+        need = want - len(owned)
+        if need > len(self._free):
+            raise OutOfPages(f"slot {slot} needs {need} more pages, {len(self._free)} free")
+        for _ in range(max(need, 0)):
+            page = self._free.pop()
+            self.page_table[slot, len(owned)] = page
+            owned.append(page)
+
+    def free(self, slot: int) -> None:
+        """Return all pages of `slot` to the free list."""
+        self._free.extend(reversed(self._owned[slot]))
+        self._owned[slot] = []
+        self.page_table[slot, :] = self.unused_index
