@@ -1,0 +1,298 @@
+"""bench/static.py and bench/static_parse.py: the static schedule analysis.
+
+- The parser on a small final-bundles dump checked into tests/data/ (made by `make_test_dump`
+  below from `minimal_loop_build(width=1)`: one loop of 8 iterations over a VMEM-resident input),
+  plus synthetic schedules for nesting and the main-loop rule.
+- A minimal loop kernel compiled for real (libtpu) at two widths: each iteration loads, scales
+  and stores `width` vregs, so when the work doubles the loop's vld/vst counts double exactly
+  and, the body being store-bound (one vector store slot per bundle), the bundles per iteration
+  grow by at least the extra stores.
+- The whole path (`python -m bench static`, JSON) on jax's bundled paged_attention at one decode
+  shape.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import pytest
+
+from bench import static, static_parse
+
+DATA = pathlib.Path(__file__).parent / "data"
+MINI_BUNDLES = DATA / "static_mini_loop.final_bundles.txt"
+MINI_ALLOCS = DATA / "static_mini_loop.allocations.txt"
+MINI_UTIL = DATA / "static_mini_loop.utilization.txt"
+
+
+# ---------------------------------------------------------------------------------------------
+# Minimal kernels (also imported by the compile subprocess through their "module:function" name).
+
+def minimal_loop_build(*, width: int, trips: int = 8, chip: str = "v5p"):
+    """(fn, args): a kernel whose loop iteration i loads x[i] ([8*width, 128] f32, `width`
+    vregs), scales it by 2 and stores it to o[i]. No DMA inside the loop (in/out are whole-array
+    VMEM blocks)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+
+    rows = 8 * width
+
+    def kernel(x_ref, o_ref):
+        # x_ref, o_ref: [trips, rows, 128] f32 VMEM
+        def body(i, carry):
+            o_ref[i] = x_ref[i] * 2.0
+            return carry
+
+        jax.lax.fori_loop(0, trips, body, 0)
+
+    def fn(x):
+        return pl.pallas_call(
+            kernel,
+            out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+            name="static_mini_loop",
+        )(x)
+
+    return fn, (jax.ShapeDtypeStruct((trips, rows, 128), jnp.float32),)
+
+
+def make_test_dump(out_dir=DATA):  # pragma: no cover - run by hand to refresh tests/data
+    """Regenerate the checked-in dump: `python -c 'from tests.test_bench_static import *;
+    make_test_dump()'` (then update the expected numbers below)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recs = static.compile_and_dump(
+            [{"id": 0, "factory": "tests.test_bench_static:minimal_loop_build",
+              "kwargs": {"width": 1}, "chip": "v5p"}], tmp)
+        files = recs[0]["calls"][0]["files"]
+        for key, dest in (("bundles", MINI_BUNDLES), ("allocations", MINI_ALLOCS),
+                          ("utilization", MINI_UTIL)):
+            text = pathlib.Path(files[key]).read_text()
+            if key == "allocations":  # keep only the allocation table
+                text = "\n".join(ln for ln in text.splitlines() if "#allocation" in ln
+                                 and "[shape" in ln) + "\n"
+            dest.write_text(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parser on the checked-in dump (libtpu 0.0.42.1, v5p, minimal_loop_build(width=1)).
+
+@pytest.fixture(scope="module")
+def mini():
+    return static_parse.parse_schedule(MINI_BUNDLES.read_text())
+
+
+def test_checked_in_dump_bundles(mini):
+    # Addresses 0 .. 0x2b, one bundle each, continuation lines (DMA / bounds-check comments)
+    # folded into their bundle.
+    assert mini.total_bundles == 44
+    assert [b.index for b in mini.bundles] == list(range(44))
+    assert mini.empty_bundles == sum(b.text.split("{", 1)[1].startswith("}")
+                                     for b in mini.bundles)
+    assert mini.bundles[0x2b].tag == "PF" and mini.bundles[0x2b].empty
+    # Comments are stripped before ops are counted: the bounds checks' comments name the DMA
+    # they guard, but only the two real DMAs (window in, window out) are ops.
+    ops = [op for b in mini.bundles for op in b.ops]
+    assert ops.count("dma.hbm_to_vmem") == 1 and ops.count("dma.vmem_to_hbm") == 1
+    assert ops.count("shalt.err") == 4
+    assert mini.delay_slot_violations() == []
+    # The per-bundle utilization dump has one row per bundle.
+    util = static_parse.parse_utilization(MINI_UTIL.read_text())
+    assert len(util.rows) == mini.total_bundles
+    assert "SALU" in util.units and "VSTORE" in util.units
+
+
+def test_checked_in_dump_loop(mini):
+    assert len(mini.loops) == 1
+    lp = mini.loops[0]
+    # LB at 0x16 starts region 42; `sbr.rel ... target = $region42` at 0x1a; its 4 delay slots
+    # run to 0x1e, which holds the loop-exit code predicated off while looping.
+    assert (lp.region, lp.depth, lp.start, lp.branch, lp.end) == (42, 1, 0x16, 0x1a, 0x1e)
+    assert lp.bundles == 9
+    assert lp.region_bundles == 6          # `End region 42` sits between branch and delay slots
+    body_ops = [op for b in mini.bundles[lp.start:lp.end + 1] for op in b.ops]
+    assert body_ops.count("vld") == 1 and body_ops.count("vst") == 1
+    assert body_ops.count("vmul.f32") == 1
+    assert lp.dma_issues == 0 and lp.parent is None
+    assert mini.main_loop() is lp          # no DMA-issuing loop: the biggest loop
+
+
+def test_checked_in_allocations():
+    allocs = static_parse.parse_allocations(MINI_ALLOCS.read_text())
+    vmem = {a.number: a.size for a in allocs if a.space == "vmem"}
+    # internal scratch + the single-buffered [8, 8, 128] f32 input and output windows
+    assert vmem == {1: 0x9000, 2: 0x8000, 5: 0x8000}
+    assert static_parse.vmem_bytes(allocs) == 0x9000 + 2 * 8 * 8 * 128 * 4
+
+
+def test_analyze_dump_on_checked_in_dump():
+    ml = static.MainLoop(call_name="static_mini_loop", bytes_per_iteration=4096, iterations=8)
+    r = static.analyze_dump(MINI_BUNDLES.read_text(), chip="v5p", main_loop=ml,
+                            allocations_text=MINI_ALLOCS.read_text(),
+                            utilization_text=MINI_UTIL.read_text())
+    from pallas_ops.chips import CHIPS
+
+    per_cycle = CHIPS["v5p"].hbm_bytes_per_cycle_per_core
+    assert r.bundles_per_iteration == 9
+    assert r.hbm_cycles_per_iteration == pytest.approx(4096 / per_cycle)
+    assert r.bound == ("issue" if 9 > 4096 / per_cycle else "HBM")
+    assert r.bound_cycles_per_iteration == max(9, 4096 / per_cycle)
+    # 8 iterations at the bound + the 35 bundles outside the loop, at the v5p clock.
+    cycles = 8 * max(9, 4096 / per_cycle) + (44 - 9)
+    assert r.predicted_cycles == pytest.approx(cycles)
+    assert r.predicted_us == pytest.approx(cycles / CHIPS["v5p"].clock_hz * 1e6)
+    assert r.vmem_bytes == 0x9000 + 0x10000
+    assert sum(r.main_loop_slots.values()) > 0 and r.busiest_unit == "SALU"
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic schedules: nesting, depth, continuation lines, the main-loop rule, bad input.
+
+_SYNTH = """\
+= control target key start
+LB: loop body
+= control target key end
+
+     0   :  { %s1 = smov 0 }
+   0x1 LB: > { %s2 = sadd.s32 1, %s1 } /* Start region 10 */
+   0x2   : > { %3 = dma.hbm_to_vmem [thread:$0] /*hbm=*/%s2 /*
+multi-line descriptor
+*/ }
+   0x3 LB: >> { %v4 = vld [vmem:[%s2]] } /* Start region 20 :: Start region 21 */
+   0x4   : >> { %5 = sbr.rel (%p1) target = $region20 }
+   0x5   : >> { %v6 = vadd.f32 %v4, %v4 }
+   0x6   :  {}
+   0x7   :  {}
+   0x8   : >> { %7 = vst [vmem:[%s2]] %v6 }
+second line of bundle 8 /* End region 20 :: End region 21 */
+   0x9   : > { %8 = sbr.rel (!%p2) target = $region10 }
+   0xa   :  {}
+   0xb   :  {}
+   0xc   :  {}
+   0xd   :  { %9 = shalt.err (!%p3) /* BoundsCheck for %10 = dma.hbm_to_vmem */ } /* End region 10 */
+   0xe PF:  {} /* End region 1 :: Start/End empty region 30 */
+"""
+
+
+def test_synthetic_nesting_and_main_loop():
+    s = static_parse.parse_schedule(_SYNTH)
+    assert s.total_bundles == 15 and s.delay_slot_violations() == []
+    outer, inner = s.loop(10), s.loop(20)
+    assert (outer.depth, outer.start, outer.branch, outer.end, outer.bundles) == (1, 1, 9, 13, 13)
+    assert (inner.depth, inner.start, inner.branch, inner.end, inner.bundles) == (2, 3, 4, 8, 6)
+    assert inner.region_bundles == 6 and outer.region_bundles == 13
+    assert inner.parent == 10 and outer.children == [20]
+    # Only the outer loop issues a DMA (the bounds check's comment at 0xd names one, but is no
+    # op): it is the main loop although the inner one is deeper; depth= overrides.
+    assert outer.dma_issues == 1 and inner.dma_issues == 0
+    assert s.main_loop() is outer
+    assert s.main_loop(depth=2) is inner
+    with pytest.raises(ValueError, match="no loop at depth 3"):
+        s.main_loop(depth=3)
+    assert s.bundles[0xe].starts == [30] and s.bundles[0xe].ends == [1, 30]
+    assert inner.op_counts["vector"] == 3 and inner.op_counts["bundles_empty"] == 2
+
+
+def test_synthetic_deepest_dma_loop_wins():
+    text = _SYNTH.replace("%v4 = vld [vmem:[%s2]]", "%v4 = dma.hbm_to_vmem %s2")
+    s = static_parse.parse_schedule(text)
+    assert s.main_loop() is s.loop(20)
+
+
+def test_parser_rejects_inconsistent_dumps():
+    with pytest.raises(ValueError, match="not consecutive"):
+        static_parse.parse_bundles(_SYNTH.replace("   0x7   :  {}", "   0x17   :  {}"))
+    with pytest.raises(ValueError, match="no back-branch"):
+        static_parse.parse_schedule(_SYNTH.replace("target = $region20", "target = $region99"))
+    # A branch whose region does not end DELAY_SLOTS bundles later is reported.
+    moved = _SYNTH.replace("} /* End region 10 */", "}").replace(
+        "   0xb   :  {}", "   0xb   :  {} /* End region 10 */")
+    assert static_parse.parse_schedule(moved).delay_slot_violations() == [9]
+    with pytest.raises(ValueError):
+        static_parse.parse_utilization("no header here")
+
+
+def test_strip_comments_nested():
+    assert static_parse.strip_comments("a /* b /* c */ d */ e /* f */") == "a  e "
+
+
+def test_missing_kernel_module_is_skipped_with_reason():
+    r = static.analyze_many([("no_such_kernel", "x", "v5p")])[0]
+    assert r.status == "skipped" and "bench/no_such_kernel.py not present" in r.reason
+    table = static.markdown_table([r])
+    assert "no_such_kernel" in table and "skipped" in table
+
+
+# ---------------------------------------------------------------------------------------------
+# Real compiles (libtpu): the minimal loop at doubling widths, and the whole path on the peer.
+
+def _require_libtpu():
+    from tests.tpu_harness import require_libtpu
+
+    require_libtpu()
+
+
+@pytest.mark.tpu_compile
+def test_minimal_loop_bundles_track_doubled_work(tmp_path):
+    _require_libtpu()
+    widths = (8, 16, 32)
+    jobs = [{"id": i, "factory": "tests.test_bench_static:minimal_loop_build",
+             "kwargs": {"width": w}, "chip": "v5p"} for i, w in enumerate(widths)]
+    recs = static.compile_and_dump(jobs, str(tmp_path))
+    got = {}
+    for i, w in enumerate(widths):
+        assert recs[i]["error"] is None, recs[i]
+        (call,) = recs[i]["calls"]
+        assert call["name"].startswith("static_mini_loop")
+        s = static_parse.parse_schedule(pathlib.Path(call["files"]["bundles"]).read_text())
+        util = static_parse.parse_utilization(
+            pathlib.Path(call["files"]["utilization"]).read_text())
+        assert s.delay_slot_violations() == []
+        assert len(s.loops) == 1
+        lp = s.main_loop()
+        ops = [op for b in s.bundles[lp.start:lp.end + 1] for op in b.ops]
+        # The work per iteration is exactly `w` loads, multiplies and stores ...
+        assert ops.count("vld") == w and ops.count("vst") == w and ops.count("vmul.f32") == w
+        # ... and v5p has one vector-store slot per bundle: the stores bind the iteration.
+        unit, used, need = util.busiest(lp.start, lp.end)
+        assert (unit, used, need) == ("VSTORE", w, w)
+        got[w] = lp.bundles
+    # Store-bound: bundles per iteration = stores + a constant, so doubling the work from w to
+    # 2w adds exactly w bundles.
+    assert got[16] - got[8] == 8 and got[32] - got[16] == 16, got
+    assert got[8] >= 8
+
+
+@pytest.mark.tpu_compile
+def test_whole_path_on_jax_paged_attention(tmp_path, capsys):
+    _require_libtpu()
+    shape = "decode-b8-ctx1024-p16"
+    out = tmp_path / "static.json"
+    rc = static.main(["--kernel", "peer_jax_paged_attention", "--shape", shape,
+                      "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    (r,) = json.loads(out.read_text())
+    assert r["status"] == "ok", r
+    assert r["call"].startswith("paged_attention")
+    assert f"| peer_jax_paged_attention | {shape} | v5p |" in printed
+    # The main loop is the KV-block loop (depth 2, inside the grid loop), which issues the K and
+    # V page DMAs: 8 pages each, for the first block and for the next one.
+    assert r["main_loop_depth"] == 2
+    loop = next(lp for lp in r["loops"] if lp["region"] == r["main_loop_region"])
+    assert loop["dma_issues"] % 16 == 0 and loop["dma_issues"] >= 16
+    # K + V of 128 tokens x 128 dims in bf16 = 64 KiB per iteration: ~83 cycles of one v5p
+    # TensorCore's HBM bandwidth. jax's kernel needs ~750 bundles: issue-bound (libtpu 0.0.42.1
+    # measures 762; the band leaves room for scheduler changes, not for a parser bug).
+    from pallas_ops.chips import CHIPS
+
+    assert r["hbm_bytes_per_iteration"] == 65536
+    assert r["hbm_cycles_per_iteration"] == pytest.approx(
+        65536 / CHIPS["v5p"].hbm_bytes_per_cycle_per_core)
+    assert 600 <= r["bundles_per_iteration"] <= 1000
+    assert r["bound"] == "issue" and r["issue_over_hbm"] > 5
+    assert r["iterations"] == 8 * 8 * (1024 // 128) and r["cores"] == 2
+    assert r["predicted_us"] > r["hbm_floor_us"] > 0
+    # Its VMEM: double-buffered K and V blocks (2 x 2 x 8 pages x 16 x 128 bf16 = 128 KiB) + more.
+    assert 128 * 1024 < r["vmem_bytes"] < CHIPS["v5p"].vmem_bytes
