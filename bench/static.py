@@ -71,6 +71,12 @@ class MainLoop:
     cores: int = 1
     outer_iterations: int | None = None
     loop_depth: int | None = None
+    inner_trips: tuple[int, ...] | None = None
+
+    # inner_trips: trip counts of the loops nested in the main loop, in schedule order (as
+    #     `--loops` lists them), e.g. a fori_loop over the pages of a block. The static count of
+    #     the main loop holds each nested body once; with inner_trips, bundles per iteration
+    #     become body + sum((trips - 1) x nested body). Prefer unrolled (static) page loops.
 
 
 @dataclasses.dataclass
@@ -89,6 +95,12 @@ class Result:
     bundles_per_iteration: int | None = None
     region_bundles_per_iteration: int | None = None   # LB .. `End region R` (hand-count style)
     main_loop_ops: dict = dataclasses.field(default_factory=dict)
+    main_loop_static_bundles: int | None = None     # the main loop's span, nested bodies once
+    main_loop_inner_loops: list = dataclasses.field(default_factory=list)  # [region, bundles]
+    main_loop_forward_branches: list = dataclasses.field(default_factory=list)  # [idx, region, skip]
+    main_loop_slots: dict = dataclasses.field(default_factory=dict)  # unit -> slots per iteration
+    busiest_unit: str | None = None     # the unit that alone needs the most bundles per iteration
+    busiest_unit_bundles: int | None = None
     hbm_bytes_per_iteration: int | None = None
     hbm_cycles_per_iteration: float | None = None
     iterations: int | None = None
@@ -174,6 +186,8 @@ def _dump_files(dump_dir: pathlib.Path, new: set[str], instr: str) -> dict:
             found["schedule_analysis"] = f
         elif kind == "pre-finalize-registers-and-allocations":
             found["allocations"] = f
+        elif kind == "final_hlo-static-per-bundle-utilization":
+            found["utilization"] = f
     return found
 
 
@@ -307,7 +321,8 @@ def _pick_call(calls: list[dict], call_name: str | None) -> dict | None:
 
 
 def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = None,
-                 allocations_text: str | None = None, result: Result | None = None) -> Result:
+                 allocations_text: str | None = None, utilization_text: str | None = None,
+                 result: Result | None = None) -> Result:
     """The static estimate from one kernel's `final_bundles` text (+ its allocation table)."""
     from pallas_ops.chips import CHIPS
 
@@ -328,16 +343,45 @@ def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = N
         r.predicted_us = r.predicted_cycles / spec.clock_hz * 1e6
         return r
     r.main_loop_region, r.main_loop_depth = lp.region, lp.depth
+    r.main_loop_static_bundles = lp.bundles
     r.bundles_per_iteration = lp.bundles
     r.region_bundles_per_iteration = lp.region_bundles
+    inner = sched.descendants(lp)
+    r.main_loop_inner_loops = [[x.region, x.bundles] for x in inner]
+    r.main_loop_forward_branches = [list(x) for x in sched.forward_branches(lp)]
+    notes = []
+    trips = main_loop.inner_trips if main_loop else None
+    if inner and trips is not None and len(trips) != len(inner):
+        notes.append(f"inner_trips has {len(trips)} entries but the main loop holds "
+                     f"{len(inner)} loops: ignored")
+        trips = None
+    if inner and trips is None:
+        notes.append(f"main loop holds {len(inner)} inner loop(s) counted once per iteration "
+                     "(give MainLoop.inner_trips)")
+    elif inner:
+        trip_of = {x.region: t for x, t in zip(inner, trips)}
+
+        def effective(loop):
+            kids = [x for x in inner if x.parent == loop.region]
+            return loop.bundles + sum((trip_of[k.region] - 1) * effective(k) for k in kids)
+
+        r.bundles_per_iteration = effective(lp)
     r.main_loop_ops = lp.op_counts
+    if utilization_text is not None:
+        util = static_parse.parse_utilization(utilization_text)
+        if len(util.rows) == sched.total_bundles:
+            r.main_loop_slots = util.totals(lp.start, lp.end)
+            r.busiest_unit, _, r.busiest_unit_bundles = util.busiest(lp.start, lp.end)
+    if notes:
+        r.reason = "; ".join(notes)
     if main_loop is None:
-        r.reason = "no main_loop(shape, *, chip) in the bench module: HBM side not known"
+        r.reason = "; ".join(notes + ["no main_loop(shape, *, chip) in the bench module: HBM "
+                                      "side not known"])
         return r
     r.hbm_bytes_per_iteration = main_loop.bytes_per_iteration
     r.hbm_cycles_per_iteration = main_loop.bytes_per_iteration / spec.hbm_bytes_per_cycle_per_core
     r.iterations, r.cores = main_loop.iterations, main_loop.cores
-    issue, hbm = float(lp.bundles), r.hbm_cycles_per_iteration
+    issue, hbm = float(r.bundles_per_iteration), r.hbm_cycles_per_iteration
     r.bound = "issue" if issue >= hbm else "HBM"
     r.bound_cycles_per_iteration = max(issue, hbm)
     r.issue_over_hbm = issue / hbm if hbm else None
@@ -346,7 +390,7 @@ def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = N
     # everything outside the outermost enclosing loop once.
     parent = sched.loop(lp.parent) if lp.parent is not None else None
     if parent is not None:
-        own = parent.bundles - lp.bundles
+        own = parent.bundles - lp.bundles   # the parent's static span holds the main loop once
         if main_loop.outer_iterations is not None:
             cycles += -(-main_loop.outer_iterations // main_loop.cores) * own
         else:
@@ -423,10 +467,12 @@ def analyze_many(requests: list[tuple[str, str, str]], *, keep_dumps: str | None
                 continue
             r.call = call["name"]
             files = call["files"]
-            alloc = pathlib.Path(files["allocations"]).read_text() if "allocations" in files else None
+            text = {k: pathlib.Path(files[k]).read_text() if k in files else None
+                    for k in ("bundles", "allocations", "utilization")}
             reason = r.reason
-            analyze_dump(pathlib.Path(files["bundles"]).read_text(), chip=r.chip, main_loop=ml,
-                         allocations_text=alloc, result=r)
+            analyze_dump(text["bundles"], chip=r.chip, main_loop=ml,
+                         allocations_text=text["allocations"],
+                         utilization_text=text["utilization"], result=r)
             r.reason = "; ".join(x for x in (reason, r.reason) if x)
             if hasattr(mod, "hbm_bytes"):
                 r.hbm_bytes_call = int(mod.hbm_bytes(shape))
@@ -457,8 +503,8 @@ def _fmt_bytes(n: int | None) -> str:
 
 def markdown_table(results: list[Result]) -> str:
     head = ("| kernel | shape | chip | bundles/iter | HBM cycles/iter | bound | predicted us "
-            "| HBM floor us | VMEM |")
-    lines = [head, "|" + "---|" * 9]
+            "| HBM floor us | VMEM | busiest unit |")
+    lines = [head, "|" + "---|" * 10]
     notes = []
     for r in results:
         if r.status != "ok":
@@ -472,8 +518,9 @@ def markdown_table(results: list[Result]) -> str:
             bound = f"{r.bound} ({r.issue_over_hbm:.2f}x)"
         pred = "-" if r.predicted_us is None or r.bound is None else f"{r.predicted_us:.1f}"
         floor = "-" if r.hbm_floor_us is None else f"{r.hbm_floor_us:.1f}"
+        busy = "-" if r.busiest_unit is None else f"{r.busiest_unit} {r.busiest_unit_bundles}"
         lines.append(f"| {r.kernel} | {r.shape} | {r.chip} | {bpi} | {hbm} | {bound} | {pred} "
-                     f"| {floor} | {_fmt_bytes(r.vmem_bytes)} |")
+                     f"| {floor} | {_fmt_bytes(r.vmem_bytes)} | {busy} |")
         if r.reason:
             notes.append(f"- {r.kernel} {r.shape} {r.chip}: {r.reason}")
         if r.delay_slot_violations:
@@ -542,7 +589,13 @@ def main(argv=None) -> int:
         for r in results:
             if r.status == "ok":
                 print(f"\n{r.kernel} {r.shape} {r.chip} ({r.call}): {r.total_bundles} bundles; "
-                      f"main loop region {r.main_loop_region}; ops/iter {r.main_loop_ops}")
+                      f"main loop region {r.main_loop_region}; ops/iter {r.main_loop_ops}; "
+                      f"unit slots/iter {r.main_loop_slots}")
+                print(f"  main loop: {r.main_loop_static_bundles} bundles static span, "
+                      f"{r.bundles_per_iteration} per iteration with inner trips; inner loops "
+                      f"[region, bundles] {r.main_loop_inner_loops}; forward branches "
+                      f"[bundle, region, bundles skipped if taken] "
+                      f"{r.main_loop_forward_branches}")
                 for lp in r.loops:
                     print(f"  loop region {lp['region']} depth {lp['depth']}: {lp['bundles']} "
                           f"bundles/iter (LB..End region: {lp['region_bundles']}), "

@@ -35,6 +35,10 @@ fresh compile):
   `dma.done.wait`. Bounds checks are `shalt.err` ops guarded by scalar compares (they are in the
   final program and cost issue slots). A bounds check's comment repeats the DMA it guards
   (`for %26 = dma.hbm_to_vmem ...`): comments are stripped before ops are counted.
+- Per-bundle unit use (`*-final_hlo-static-per-bundle-utilization.txt`): `== CAPACTIY:` (sic),
+  a line of unit names (`MXU, XLU, VALU, VPOP, EUP, VLOAD, VLOAD:FILL, VSTORE, VSTORE:SPILL, SALU`
+  on v5p), a line of slots per bundle, `== UTILIZATION:`, then one line of slot counts per bundle,
+  in bundle order.
 - Allocations: lines `#allocationN [shape = '...', space=vmem|smem|sflag|..., size = 0x..., ...]`;
   `size` already covers all buffering levels of a pipelined window.
 """
@@ -181,10 +185,12 @@ class Schedule:
     def main_loop(self, depth: int | None = None) -> Loop | None:
         """The kernel's main loop.
 
-        Rule: among loops whose iteration issues a DMA, the deepest (ties: most bundles per
-        iteration). This is the KV-block / tile loop of a streaming kernel: with manual DMAs the
-        loop that issues the next block's copies; with BlockSpec pipelining, the grid loop, which
-        issues the next grid step's window copies. Without any DMA-issuing loop: the loop with the
+        Rule: among loops whose iteration (nested loops included) issues a DMA AND does vector
+        or MXU work, the deepest (ties: most bundles per iteration). This is the KV-block / tile
+        loop of a streaming kernel: with manual DMAs the loop that issues the next block's copies
+        (a small inner loop that only issues per-page DMAs does no vector work, so it is not
+        chosen); with BlockSpec pipelining, the grid loop, which issues the next grid step's
+        window copies. Failing that, the deepest DMA-issuing loop; without any, the loop with the
         most bundles. `depth` overrides: the loop with most bundles at exactly that depth.
         """
         if not self.loops:
@@ -195,10 +201,35 @@ class Schedule:
                 raise ValueError(f"no loop at depth {depth}; depths: "
                                  f"{sorted({lp.depth for lp in self.loops})}")
             return max(cands, key=lambda lp: lp.bundles)
-        cands = [lp for lp in self.loops if lp.dma_issues] or self.loops
-        if cands is self.loops:
-            return max(cands, key=lambda lp: lp.bundles)
+        def works(lp):
+            return lp.op_counts.get("vector", 0) + lp.op_counts.get("mxu", 0) > 0
+
+        cands = ([lp for lp in self.loops if lp.dma_issues and works(lp)]
+                 or [lp for lp in self.loops if lp.dma_issues])
+        if not cands:
+            return max(self.loops, key=lambda lp: lp.bundles)
         return max(cands, key=lambda lp: (lp.depth, lp.bundles))
+
+    def descendants(self, loop: Loop) -> list[Loop]:
+        """Loops nested (at any depth) in `loop`, in schedule order."""
+        return sorted((lp for lp in self.loops if lp is not loop
+                       and loop.start <= lp.start and lp.end <= loop.end),
+                      key=lambda lp: lp.start)
+
+    def forward_branches(self, loop: Loop) -> list[tuple[int, int, int]]:
+        """Forward branches inside one iteration of `loop`: (bundle index, target region,
+        bundles jumped over when taken). Code under a taken branch is in the static count of
+        `loop.bundles` but does not run."""
+        start_of: dict[int, int] = {}
+        for b in self.bundles:
+            for r in b.starts:
+                start_of.setdefault(r, b.index)
+        out = []
+        for b in self.bundles[loop.start:loop.end + 1]:
+            t = start_of.get(b.branch_target) if b.branch_target is not None else None
+            if t is not None and t > b.index:
+                out.append((b.index, b.branch_target, max(t - (b.index + DELAY_SLOTS + 1), 0)))
+        return out
 
     def summary(self) -> dict:
         return {
@@ -298,6 +329,44 @@ def total_from_schedule_analysis(text: str) -> int | None:
     """`total scheduled bundles` of a `*-schedule-analysis_final_bundles.txt` dump."""
     m = _TOTAL_RE.search(text)
     return int(m.group(1)) if m else None
+
+
+@dataclasses.dataclass
+class Utilization:
+    units: list[str]          # e.g. ["MXU", "XLU", "VALU", ..., "SALU"]
+    capacity: list[int]       # slots per bundle of each unit
+    rows: list[list[int]]     # slots used, one row per bundle
+
+    def busiest(self, start: int, end: int) -> tuple[str, int, int]:
+        """Over bundles [start, end]: (unit, slots used, bundles that unit alone needs) for the
+        unit that alone needs the most bundles (slots used / slots per bundle, rounded up)."""
+        best = ("", 0, 0)
+        for u, (name, cap) in enumerate(zip(self.units, self.capacity)):
+            used = sum(r[u] for r in self.rows[start:end + 1])
+            need = -(-used // cap) if cap else 0
+            if need > best[2]:
+                best = (name, used, need)
+        return best
+
+    def totals(self, start: int, end: int) -> dict[str, int]:
+        return {name: sum(r[u] for r in self.rows[start:end + 1])
+                for u, name in enumerate(self.units)}
+
+
+def parse_utilization(text: str) -> Utilization:
+    """A `*-final_hlo-static-per-bundle-utilization.txt` dump."""
+    lines = text.splitlines()
+    try:
+        i = next(k for k, ln in enumerate(lines) if ln.startswith("== CAPAC"))
+        j = next(k for k, ln in enumerate(lines) if ln.startswith("== UTILIZATION"))
+    except StopIteration:
+        raise ValueError("not a per-bundle utilization dump (no CAPACTIY/UTILIZATION header)")
+    units = [u.strip() for u in lines[i + 1].split(",")]
+    capacity = [int(x) for x in lines[i + 2].split()]
+    rows = [[int(x) for x in ln.split()] for ln in lines[j + 1:] if ln.strip()]
+    if len(capacity) != len(units) or any(len(r) != len(units) for r in rows):
+        raise ValueError("utilization rows do not match the unit list")
+    return Utilization(units, capacity, rows)
 
 
 @dataclasses.dataclass(frozen=True)

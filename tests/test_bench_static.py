@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 
@@ -198,6 +199,37 @@ def test_synthetic_deepest_dma_loop_wins():
     text = _SYNTH.replace("%v4 = vld [vmem:[%s2]]", "%v4 = dma.hbm_to_vmem %s2")
     s = static_parse.parse_schedule(text)
     assert s.main_loop() is s.loop(20)
+
+
+def test_synthetic_dma_only_inner_loop_is_not_main():
+    # A page-issue loop (DMAs and scalar work only) nested in the block loop: the block loop,
+    # which does the vector work, stays the main loop.
+    text = (_SYNTH.replace("%v4 = vld [vmem:[%s2]]", "%4 = dma.hbm_to_vmem %s2")
+            .replace("%v6 = vadd.f32 %v4, %v4", "%s6 = sadd.s32 1, %s2")
+            .replace("%7 = vst [vmem:[%s2]] %v6", "%s7 = smov 0"))
+    # Without vector work anywhere: the deepest DMA-issuing loop.
+    s = static_parse.parse_schedule(text)
+    assert s.loop(20).dma_issues == 1 and s.loop(10).dma_issues == 2
+    assert s.main_loop() is s.loop(20)
+    s = static_parse.parse_schedule(
+        text.replace("%s2 = sadd.s32 1, %s1", "%s2 = sadd.s32 1, %s1  ;;  %v9 = vmax.f32 %v8, %v8"))
+    assert s.loop(10).op_counts["vector"] == 1 and "vector" not in s.loop(20).op_counts
+    assert s.main_loop() is s.loop(10)
+    # The inner loop's back-branch is no forward branch.
+    assert s.forward_branches(s.loop(10)) == []
+
+
+def test_inner_trips_scale_nested_loop_bodies():
+    ml = static.MainLoop(call_name="x", bytes_per_iteration=1 << 20, iterations=4,
+                         loop_depth=1, inner_trips=(4,))
+    r = static.analyze_dump(_SYNTH, chip="v5p", main_loop=ml)
+    assert r.main_loop_static_bundles == 13 and r.main_loop_inner_loops == [[20, 6]]
+    assert r.bundles_per_iteration == 13 + 3 * 6
+    assert r.bound == "HBM" and r.reason == ""
+    r = static.analyze_dump(_SYNTH, chip="v5p", main_loop=dataclasses.replace(ml, inner_trips=None))
+    assert r.bundles_per_iteration == 13 and "counted once" in r.reason
+    r = static.analyze_dump(_SYNTH, chip="v5p", main_loop=dataclasses.replace(ml, inner_trips=(1, 2)))
+    assert r.bundles_per_iteration == 13 and "ignored" in r.reason
 
 
 def test_parser_rejects_inconsistent_dumps():
