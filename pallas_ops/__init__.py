@@ -3,6 +3,14 @@
 Execution: compiled Mosaic on a TPU backend, the TPU interpreter elsewhere; every kernel takes
 ``interpret=`` (see `pallas_ops.execution`).
 """
+from pallas_ops.block_attention import (
+    BlockAttentionBlockSizes,
+    append_context,
+    block_attention,
+    check_block_attention_inputs,
+)
 from pallas_ops.execution import default_interpret_params, on_tpu, resolve_interpret
 
 __all__ = ["default_interpret_params", "on_tpu", "resolve_interpret"]
+__all__ += ["BlockAttentionBlockSizes", "append_context", "block_attention",
+            "check_block_attention_inputs"]

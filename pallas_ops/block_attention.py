@@ -1,0 +1,328 @@
+"""Non-causal block attention over a static context cache: the DFlash draft's attention.
+
+    out = block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens)
+
+Block query i of sequence b sits at absolute position ctx_lens[b] + i and attends, with no causal
+mask, to context keys 0..ctx_lens[b]-1 of the static cache and to all bs keys of its own block.
+With `sliding_window=W`, context key j is visible to block query i only if j > ctx_lens[b] + i - W;
+the block keys always stay visible. See `reference.block_attention` for the float64 reference.
+
+Kernel design (one `pl.pallas_call`, grid (B, Hkv / heads_per_step), both axes parallel):
+- ctx_lens is scalar-prefetched. The caches stay in HBM (`pl.ANY`); context tiles of ctx_tile rows
+  (all KV heads of the step at once) are streamed by manual double-buffered DMA in a loop whose
+  trip count is ceil(ctx_len / ctx_tile) (minus the tiles left of a sliding window), so the cost
+  grows with ctx_len, not with S_max, and no tile at or past ctx_len is ever DMA'd.
+- All G = Hq/Hkv q heads of a KV head are packed into one matmul's rows: q is laid out as
+  [B, Hkv, bs*G (padded to the sublane tile), D] by the wrapper, so a tile costs one
+  [rows, D] x [D, ctx_tile] matmul and one [rows, ctx_tile] x [ctx_tile, D] matmul per KV head.
+- Online softmax in f32. The block's own K/V (a small VMEM input) are folded in first, which
+  gives every row a finite running max before any context tile, then the context tiles; the block
+  K/V are never concatenated onto the cache in HBM.
+- Only the tile straddling ctx_len and sliding-window tiles run the masked path; interior tiles do
+  no masking. When S_max is not a multiple of ctx_tile, the last tile's DMA moves only the rows
+  that exist (static size S_max % ctx_tile); DMA offsets stay tile-aligned.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_ops.block_attention_append import append_context
+from pallas_ops.block_attention_block_sizes import BlockAttentionBlockSizes, get_block_sizes
+from pallas_ops.block_attention_checks import (
+    check_block_attention_inputs,
+    check_lengths,
+    check_static,
+    is_host_value,
+)
+from pallas_ops.chips import CHIPS, MiB, current_chip
+from pallas_ops.execution import resolve_interpret
+
+__all__ = ["block_attention", "append_context", "BlockAttentionBlockSizes",
+           "check_block_attention_inputs", "vmem_estimate"]
+
+
+def _sublane(dtype) -> int:
+    return 8 * (4 // jnp.dtype(dtype).itemsize)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool):
+    """Fold scores s [R, T] f32 and values v [T, D] into the running state of head h."""
+    m_cur = jnp.max(s, axis=1, keepdims=True)                              # [R, 1]
+    if first:
+        m_new = m_cur
+    else:
+        m_prev = m_ref[h][:, 0:1]                                           # [R, 1]
+        m_new = jnp.maximum(m_prev, m_cur)
+    p = jnp.exp(s - m_new)                                                  # [R, T]
+    l_cur = jnp.sum(p, axis=1, keepdims=True)
+    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [R, D]
+    if first:
+        l_new, acc_new = l_cur, pv
+    else:
+        alpha = jnp.exp(m_prev - m_new)
+        l_new = alpha * l_ref[h][:, 0:1] + l_cur
+        acc_new = alpha * acc_ref[h] + pv
+    m_ref[h] = jnp.broadcast_to(m_new, m_ref.shape[1:])
+    l_ref[h] = jnp.broadcast_to(l_new, l_ref.shape[1:])
+    acc_ref[h] = acc_new
+
+
+def _scores(q, k, scale):
+    """q [R, D] . k [T, D]^T -> [R, T] f32, scaled."""
+    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return s * scale
+
+
+def _block_attention_kernel(
+    # Prefetch
+    ctx_lens_ref,   # [B] int32 (SMEM)
+    # Inputs
+    q_ref,          # [hb, R, D]        q rows (row r = block position r // G, head r % G)
+    kb_ref,         # [hb, BSP, D]      block keys, zero-padded to BSP rows
+    vb_ref,         # [hb, BSP, D]      block values, zero-padded
+    kc_hbm,         # [B, Hkv, S_max, D] context keys (HBM)
+    vc_hbm,         # [B, Hkv, S_max, D] context values (HBM)
+    # Outputs
+    o_ref,          # [hb, R, D]
+    # Scratch
+    kbuf,           # [2, hb, T, D]     double-buffered context key tiles
+    vbuf,           # [2, hb, T, D]     double-buffered context value tiles
+    sems,           # DMA semaphores [2 (k, v), 2 (slot)]
+    m_ref,          # [hb, R, 128] f32  running max (lane-replicated)
+    l_ref,          # [hb, R, 128] f32  running denominator (lane-replicated)
+    acc_ref,        # [hb, R, D] f32    running numerator
+    *, scale, bs, groups, tile, s_max, window,
+):
+    hb, R, _ = q_ref.shape
+    BSP = kb_ref.shape[1]
+    b = pl.program_id(0)
+    h0 = pl.program_id(1) * hb
+    ctx = ctx_lens_ref[b]
+
+    full_tiles, rem = divmod(s_max, tile)   # static: a last partial tile of rem rows if rem
+
+    def copy_pair(t, slot, rows):
+        src = pl.ds(pl.multiple_of(t * tile, tile), rows)
+        return (
+            pltpu.make_async_copy(kc_hbm.at[b, pl.ds(h0, hb), src, :],
+                                  kbuf.at[slot, :, pl.ds(0, rows), :], sems.at[0, slot]),
+            pltpu.make_async_copy(vc_hbm.at[b, pl.ds(h0, hb), src, :],
+                                  vbuf.at[slot, :, pl.ds(0, rows), :], sems.at[1, slot]),
+        )
+
+    def dma(t, slot, op):
+        """Start or wait the DMAs of context tile t: ctx_tile rows, or rem rows at the end."""
+        def run(rows):
+            for c in copy_pair(t, slot, rows):
+                getattr(c, op)()
+        if rem == 0:
+            run(tile)
+        else:
+            if full_tiles:
+                pl.when(t < full_tiles)(lambda: run(tile))
+            pl.when(t == full_tiles)(lambda: run(rem))
+
+    t_end = jax.lax.div(ctx + tile - 1, tile)   # ctx >= 0: truncation = floor
+    if window is None:
+        t0 = jnp.int32(0)
+    else:
+        t0 = jax.lax.div(jnp.maximum(ctx - window + 1, 0), tile)
+        t0 = jnp.minimum(t0, t_end)
+
+    @pl.when(t0 < t_end)
+    def _():
+        dma(t0, 0, "start")
+
+    # The block's own keys first: every row gets a finite max before the context tiles.
+    for h in range(hb):
+        s = _scores(q_ref[h], kb_ref[h], scale)                            # [R, BSP]
+        if BSP > bs:
+            col = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = jnp.where(col < bs, s, -jnp.inf)
+        _online_update(h, s, vb_ref[h], m_ref, l_ref, acc_ref, first=True)
+
+    def process(slot, t, masked):
+        for h in range(hb):
+            k = kbuf[slot, h]                                               # [T, D]
+            v = vbuf[slot, h]                                               # [T, D]
+            s = _scores(q_ref[h], k, scale)                                 # [R, T]
+            if masked:
+                # Keys at or past ctx_len (and buffer rows past a short last tile) hold
+                # anything, NaN included: mask their scores and zero their values.
+                j = t * tile + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+                ok = j < ctx
+                if window is not None:
+                    row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
+                    ok &= row < (j - ctx + window) * groups   # row // G <= j - ctx + W - 1
+                s = jnp.where(ok, s, -jnp.inf)
+                vj = t * tile + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+                v = jnp.where(vj < ctx, v, jnp.zeros_like(v))
+            _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False)
+
+    def body(t, carry):
+        slot = jax.lax.rem(t - t0, 2)
+
+        @pl.when(t + 1 < t_end)
+        def _():
+            dma(t + 1, 1 - slot, "start")
+
+        dma(t, slot, "wait")
+        if window is None:
+            needs_mask = (t + 1) * tile > ctx
+
+            @pl.when(jnp.logical_not(needs_mask))
+            def _():
+                process(slot, t, masked=False)
+
+            @pl.when(needs_mask)
+            def _():
+                process(slot, t, masked=True)
+        else:
+            process(slot, t, masked=True)
+        return carry
+
+    jax.lax.fori_loop(t0, t_end, body, 0)
+
+    for h in range(hb):
+        o_ref[h] = (acc_ref[h] / l_ref[h][:, 0:1]).astype(o_ref.dtype)
+
+
+def vmem_estimate(*, hb, rows, bsp, tile, head_dim, dtype) -> int:
+    """Bytes of VMEM the kernel needs (pipelined blocks double-buffered, scratch, temporaries)."""
+    it = jnp.dtype(dtype).itemsize
+    blocks = 2 * (2 * hb * rows * head_dim * it + 2 * hb * bsp * head_dim * it)   # q, out, kb, vb
+    tiles = 2 * 2 * hb * tile * head_dim * it                                    # kbuf, vbuf
+    state = hb * rows * (2 * 128 + head_dim) * 4                                 # m, l, acc
+    temps = 3 * rows * max(tile, bsp) * 4 + 2 * tile * head_dim * 4              # s, p; masked v
+    return blocks + tiles + state + temps
+
+
+def _vmem_budget(chip: str | None) -> int:
+    spec = CHIPS.get(chip) if chip else None
+    # Off TPU (interpreter) or unknown: the smallest VMEM of the supported generations.
+    return spec.vmem_bytes if spec else min(c.vmem_bytes for c in CHIPS.values())
+
+
+def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale=None,
+                    sliding_window=None, block_sizes=None, interpret=None, validate=False,
+                    chip=None):
+    """Non-causal block attention of a bs-token block over a static context cache (Pallas TPU).
+
+    Args:
+      q:        [B, bs, Hq, D] bf16/f32, block queries (RoPE applied by the caller); 1 <= bs <= 64.
+      k_block:  [B, bs, Hkv, D] same dtype, the block's own keys; Hq % Hkv == 0.
+      v_block:  [B, bs, Hkv, D] same dtype, the block's own values.
+      k_cache:  [B, Hkv, S_max, D] same dtype, static context keys; rows >= ctx_lens[b] unused.
+      v_cache:  [B, Hkv, S_max, D] same dtype, static context values.
+      ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
+      sm_scale: softmax scale (default 1/sqrt(D)).
+      sliding_window: None or W >= 1: context key j visible to block query i iff
+        j > ctx_lens[b] + i - W.
+      block_sizes: `BlockAttentionBlockSizes`; None = the table entry for `chip` (default the
+        current chip), else the fallback.
+      interpret: see `pallas_ops.execution.resolve_interpret`.
+      validate: check ctx_lens on the host first (needs concrete values).
+      chip: 'v5e' / 'v5p' / 'v6e' for block sizes and VMEM budget when compiling ahead of time.
+    Returns:
+      [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation). D must be 64, 128 or 256.
+    """
+    B, bs, Hq, Hkv, S_max, D = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
+                                            sliding_window=sliding_window)
+    if validate or is_host_value(ctx_lens):
+        check_lengths(S_max, ctx_lens)
+    if chip is None:
+        chip = current_chip()
+    if block_sizes is None:
+        block_sizes = get_block_sizes(chip)
+    if not isinstance(block_sizes, BlockAttentionBlockSizes):
+        raise ValueError(f"block_sizes must be a BlockAttentionBlockSizes, got {block_sizes!r}")
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    return _block_attention(
+        q, k_block, v_block, k_cache, v_cache, jnp.asarray(ctx_lens), scale=scale,
+        window=None if sliding_window is None else int(sliding_window),
+        block_sizes=block_sizes, interpret=resolve_interpret(interpret), chip=chip)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "window", "block_sizes", "interpret",
+                                             "chip"))
+def _block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, window,
+                     block_sizes, interpret, chip):
+    B, bs, Hq, D = q.shape
+    Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
+    G = Hq // Hkv
+    dtype = q.dtype
+    sub = _sublane(dtype)
+    R = _round_up(bs * G, sub)
+    BSP = _round_up(bs, sub)
+    hb = block_sizes.heads_per_step(Hkv)
+    tile = block_sizes.ctx_tile
+
+    # q rows grouped by KV head: [B, Hkv, bs*G (+pad), D], row r = (block position r // G, head r % G).
+    qr = q.reshape(B, bs, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, bs * G, D)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - bs * G), (0, 0)))
+    kb = jnp.pad(k_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
+    vb = jnp.pad(v_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
+
+    need = vmem_estimate(hb=hb, rows=R, bsp=BSP, tile=tile, head_dim=D, dtype=dtype)
+    budget = _vmem_budget(chip)
+    if need > budget * 3 // 4:
+        raise ValueError(f"block_attention needs ~{need / MiB:.1f} MiB of VMEM, more than 3/4 of "
+                         f"the {budget / MiB:.0f} MiB budget: lower block_sizes.ctx_tile or "
+                         "kv_heads_per_step")
+    vmem_limit = int(min(budget * 3 // 4, max(2 * need, 16 * MiB)))
+
+    it = jnp.dtype(dtype).itemsize
+    cost = pl.CostEstimate(
+        # Upper bound: ctx_lens is dynamic, so count the full capacity plus the block.
+        flops=int(4 * B * Hq * bs * (S_max + bs) * D),
+        transcendentals=int(B * Hq * bs * (S_max + bs)),
+        bytes_accessed=int(2 * B * Hkv * S_max * D * it + 2 * B * Hq * bs * D * it
+                           + 2 * B * Hkv * bs * D * it),
+    )
+    kernel = functools.partial(_block_attention_kernel, scale=scale, bs=bs, groups=G, tile=tile,
+                               s_max=S_max, window=window)
+    blk = lambda rows: pl.BlockSpec((None, hb, rows, D), lambda b, g, cl: (b, g, 0, 0))  # noqa
+    out = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((B, Hkv, R, D), dtype),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1,
+            grid=(B, Hkv // hb),
+            in_specs=[
+                blk(R),                                   # q rows
+                blk(BSP),                                 # k_block
+                blk(BSP),                                 # v_block
+                pl.BlockSpec(memory_space=pl.ANY),        # k_cache
+                pl.BlockSpec(memory_space=pl.ANY),        # v_cache
+            ],
+            out_specs=blk(R),
+            scratch_shapes=[
+                pltpu.VMEM((2, hb, tile, D), dtype),
+                pltpu.VMEM((2, hb, tile, D), dtype),
+                pltpu.SemaphoreType.DMA((2, 2)),
+                pltpu.VMEM((hb, R, 128), jnp.float32),
+                pltpu.VMEM((hb, R, 128), jnp.float32),
+                pltpu.VMEM((hb, R, D), jnp.float32),
+            ],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"),
+            vmem_limit_bytes=vmem_limit,
+        ),
+        cost_estimate=cost,
+        name="dflash_block_attention",
+        interpret=interpret,
+    )(ctx_lens, qr, kb, vb, k_cache, v_cache)
+
+    out = out[:, :, :bs * G].reshape(B, Hkv, bs, G, D).transpose(0, 2, 1, 3, 4)
+    return out.reshape(B, bs, Hq, D)
