@@ -54,13 +54,13 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
             mask &= k_pos[None, :] > q_pos[:, None] - sliding_window
         for h in range(hq):
             kh, vh = k[h // g], v[h // g]
-            logits = q[q_start:q_end, h] @ kh.T * scale                # [q_len, kv_len]
-            if soft_cap is not None:
-                logits = soft_cap * np.tanh(logits / soft_cap)
-            logits = np.where(mask, logits, -np.inf)
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
-            out[q_start:q_end, h] = p @ vh
+            for i in range(q_len):
+                seen = mask[i]                                          # keys query i sees
+                logits = kh[seen] @ q[q_start + i, h] * scale
+                if soft_cap is not None:
+                    logits = soft_cap * np.tanh(logits / soft_cap)
+                p = np.exp(logits - logits.max())
+                out[q_start + i, h] = (p / p.sum()) @ vh[seen]
     return out
 
 
