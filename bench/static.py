@@ -72,11 +72,15 @@ class MainLoop:
     outer_iterations: int | None = None
     loop_depth: int | None = None
     inner_trips: tuple[int, ...] | None = None
+    taken_branches: tuple[bool, ...] | None = None
 
-    # inner_trips: trip counts of the loops nested in the main loop, in schedule order (as
-    #     `--loops` lists them), e.g. a fori_loop over the pages of a block. The static count of
-    #     the main loop holds each nested body once; with inner_trips, bundles per iteration
-    #     become body + sum((trips - 1) x nested body). Prefer unrolled (static) page loops.
+    # The static span of the main loop counts every bundle once: both sides of a `pl.when` that
+    # the compiler kept as a branch, and each nested loop's body once. Two optional fields
+    # describe the hot path instead (both in the order `--loops` prints):
+    # inner_trips: iterations of each loop nested in the main loop per main-loop iteration
+    #     (e.g. a fori_loop over the pages of a block; 0 if the hot path skips it).
+    # taken_branches: for each forward branch inside the main loop, whether the hot path takes
+    #     it (jumping over the code it guards, e.g. a tail-block fix-up).
 
 
 @dataclasses.dataclass
@@ -351,21 +355,21 @@ def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = N
     r.main_loop_forward_branches = [list(x) for x in sched.forward_branches(lp)]
     notes = []
     trips = main_loop.inner_trips if main_loop else None
-    if inner and trips is not None and len(trips) != len(inner):
+    if trips is not None and len(trips) != len(inner):
         notes.append(f"inner_trips has {len(trips)} entries but the main loop holds "
                      f"{len(inner)} loops: ignored")
         trips = None
     if inner and trips is None:
         notes.append(f"main loop holds {len(inner)} inner loop(s) counted once per iteration "
                      "(give MainLoop.inner_trips)")
-    elif inner:
-        trip_of = {x.region: t for x, t in zip(inner, trips)}
-
-        def effective(loop):
-            kids = [x for x in inner if x.parent == loop.region]
-            return loop.bundles + sum((trip_of[k.region] - 1) * effective(k) for k in kids)
-
-        r.bundles_per_iteration = effective(lp)
+    taken = main_loop.taken_branches if main_loop else None
+    if taken is not None and len(taken) != len(r.main_loop_forward_branches):
+        notes.append(f"taken_branches has {len(taken)} entries but the main loop has "
+                     f"{len(r.main_loop_forward_branches)} forward branches: ignored")
+        taken = None
+    r.bundles_per_iteration = sched.iteration_bundles(
+        lp, taken=taken or (),
+        trips=None if trips is None else {x.region: t for x, t in zip(inner, trips)})
     r.main_loop_ops = lp.op_counts
     if utilization_text is not None:
         util = static_parse.parse_utilization(utilization_text)
@@ -592,7 +596,7 @@ def main(argv=None) -> int:
                       f"main loop region {r.main_loop_region}; ops/iter {r.main_loop_ops}; "
                       f"unit slots/iter {r.main_loop_slots}")
                 print(f"  main loop: {r.main_loop_static_bundles} bundles static span, "
-                      f"{r.bundles_per_iteration} per iteration with inner trips; inner loops "
+                      f"{r.bundles_per_iteration} on the declared hot path; inner loops "
                       f"[region, bundles] {r.main_loop_inner_loops}; forward branches "
                       f"[bundle, region, bundles skipped if taken] "
                       f"{r.main_loop_forward_branches}")

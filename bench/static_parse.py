@@ -231,6 +231,44 @@ class Schedule:
                 out.append((b.index, b.branch_target, max(t - (b.index + DELAY_SLOTS + 1), 0)))
         return out
 
+    def iteration_bundles(self, loop: Loop, *, taken=(), trips: dict[int, int] | None = None
+                          ) -> int:
+        """Bundles of one iteration of `loop` along one path.
+
+        taken: for each forward branch of `self.forward_branches(loop)`, in that order, whether
+            it is taken on the path (a taken branch still runs its DELAY_SLOTS bundles, then
+            resumes at its target region); missing entries mean not taken.
+        trips: nested loop region -> iterations it runs per iteration of its parent (default 1).
+        With no branch taken and every nested loop run once this is `loop.bundles`.
+        """
+        fwd = self.forward_branches(loop)
+        taken_at = {idx: region for (idx, region, _), t in zip(fwd, taken) if t}
+        start_of: dict[int, int] = {}
+        for b in self.bundles:
+            for r in b.starts:
+                start_of.setdefault(r, b.index)
+        trips = trips or {}
+        inner = {lp.start: lp for lp in self.descendants(loop)}
+
+        def walk(lp: Loop) -> int:
+            n, i = 0, lp.start
+            while i <= lp.end:
+                child = inner.get(i) if i != lp.start else None
+                if child is not None:
+                    n += trips.get(child.region, 1) * walk(child)
+                    i = child.end + 1
+                    continue
+                n += 1
+                if i in taken_at:
+                    slots = min(DELAY_SLOTS, lp.end - i)
+                    n += slots
+                    i = max(start_of[taken_at[i]], i + slots + 1)
+                    continue
+                i += 1
+            return n
+
+        return walk(loop)
+
     def summary(self) -> dict:
         return {
             "total_bundles": self.total_bundles,

@@ -230,6 +230,44 @@ def test_inner_trips_scale_nested_loop_bodies():
     assert r.bundles_per_iteration == 13 and "counted once" in r.reason
     r = static.analyze_dump(_SYNTH, chip="v5p", main_loop=dataclasses.replace(ml, inner_trips=(1, 2)))
     assert r.bundles_per_iteration == 13 and "ignored" in r.reason
+    r = static.analyze_dump(_SYNTH, chip="v5p", main_loop=dataclasses.replace(ml, inner_trips=(0,)))
+    assert r.bundles_per_iteration == 13 - 6
+
+
+_BRANCHY = """\
+     0   :  { %s1 = smov 0 }
+   0x1 LB: > { %s2 = sadd.s32 1, %s1 } /* Start region 10 */
+   0x2   : > { %3 = sbr.rel (%p1) target = $region12 } /* Start region 11 */
+   0x3   : > { %v4 = vadd.f32 %v1, %v1 }
+   0x4   : > {}
+   0x5   : > {}
+   0x6   : > {} /* End region 11 */
+   0x7   : > { %v5 = vmul.f32 %v4, %v4 }
+   0x8   : > { %v6 = vmul.f32 %v5, %v5 }
+   0x9   : > { %v7 = vmul.f32 %v6, %v6 }
+   0xa   : > { %v8 = vld [vmem:[%s2]] } /* Start region 12 */
+   0xb   : > { %9 = sbr.rel (!%p2) target = $region10 }
+   0xc   : > {}
+   0xd   : > {}
+   0xe   : > {}
+   0xf   : > {} /* End region 12 :: End region 10 */
+  0x10   :  {}
+"""
+
+
+def test_taken_branches_skip_guarded_code():
+    s = static_parse.parse_schedule(_BRANCHY)
+    (lp,) = s.loops
+    assert lp.bundles == 15 and s.forward_branches(lp) == [(2, 12, 3)]
+    assert s.iteration_bundles(lp) == 15
+    # Taken: the branch and its 4 delay slots run, the 3 bundles before region 12 do not.
+    assert s.iteration_bundles(lp, taken=(True,)) == 12
+    ml = static.MainLoop(call_name="x", bytes_per_iteration=64, iterations=2,
+                         taken_branches=(True,))
+    assert static.analyze_dump(_BRANCHY, chip="v5p", main_loop=ml).bundles_per_iteration == 12
+    r = static.analyze_dump(_BRANCHY, chip="v5p",
+                            main_loop=dataclasses.replace(ml, taken_branches=(True, False)))
+    assert r.bundles_per_iteration == 15 and "ignored" in r.reason
 
 
 def test_parser_rejects_inconsistent_dumps():
