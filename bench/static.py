@@ -254,6 +254,8 @@ def _worker_env(dump_dir: str) -> dict:
     # Several processes on this host may load libtpu at once (other compiles, test runs): without
     # this, the second one fails on libtpu's /tmp/libtpu_lockfile. AOT compiles need no TPU.
     env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # A compile served from jax's persistent cache would write no dump.
+    env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env["PYTHONPATH"] = str(_REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
@@ -308,20 +310,23 @@ def compile_and_dump(jobs: list[dict], out_dir: str, *, log=None) -> dict[int, d
 # --------------------------------------------------------------------------------------------
 # Analysis (parent side).
 
-def _pick_call(calls: list[dict], call_name: str | None) -> dict | None:
+def _pick_call(calls: list[dict], call_name: str | None) -> tuple[dict | None, str]:
+    """(the custom call to analyse, a note if it was not found by name)."""
     calls = [c for c in calls if c.get("files", {}).get("bundles")]
     if not calls:
-        return None
+        return None, ""
     if call_name:
         for c in calls:
             n, op = c["name"], c["op_name"]
             if (n == call_name or n.startswith(call_name + ".") or f"/{call_name}/" in op
                     or op.endswith("/" + call_name)):
-                return c
-    if len(calls) == 1:
-        return calls[0]
-    # Several kernels and no name match: the one with most bundles.
-    return max(calls, key=lambda c: len(pathlib.Path(c["files"]["bundles"]).read_text()))
+                return c, ""
+    # No name match: the only kernel, or the one with most bundles.
+    best = max(calls, key=lambda c: len(pathlib.Path(c["files"]["bundles"]).read_text()))
+    note = "" if not call_name else (
+        f"no custom call named {call_name!r} (found {[c['name'] for c in calls]}): "
+        f"analysed {best['name']}")
+    return best, note
 
 
 def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = None,
@@ -465,11 +470,12 @@ def analyze_many(requests: list[tuple[str, str, str]], *, keep_dumps: str | None
                 ml = _main_loop_of(mod, shape, r.chip)
             except Exception as e:  # noqa: BLE001
                 ml, r.reason = None, f"main_loop() failed: {type(e).__name__}: {e}"
-            call = _pick_call(rec["calls"], ml.call_name if ml else None)
+            call, note = _pick_call(rec["calls"], ml.call_name if ml else None)
             if call is None:
                 r.status, r.reason = "error", "no tpu_custom_call with a final_bundles dump"
                 continue
             r.call = call["name"]
+            r.reason = "; ".join(x for x in (r.reason, note) if x)
             files = call["files"]
             text = {k: pathlib.Path(files[k]).read_text() if k in files else None
                     for k in ("bundles", "allocations", "utilization")}
