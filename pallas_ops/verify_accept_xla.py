@@ -1,0 +1,207 @@
+"""Plain-jnp verify/accept: the same contract and random stream as the Pallas kernel.
+
+This is the fast backend for CPU (the model layer's default off TPU) and the shared host-side
+logic of the kernel: argument checks (`check_args`), per-row parameters (`row_params`,
+`row_drafts`), the one-hot accept scan (`finish_onehot`) and the draft_probs accept/residual step
+(`finish_probs`, which the kernel's draft_probs path also runs after its single streaming pass).
+
+Semantics are documented in `reference/verify_accept.py` and `pallas_ops.verify_accept`.
+Jittable with fixed shapes; `num_seqs` may be a traced int32 scalar.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_ops import rng
+from pallas_ops.verify_accept_types import VerifyResult
+
+__all__ = ["VerifyResult", "verify_accept"]
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _shape(x):
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
+def _dtype(x):
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
+
+
+def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs):
+    """Static checks (shapes, dtypes); raises ValueError naming the argument. Returns (B, bs, V)."""
+    shape = _shape(logits)
+    if len(shape) != 3:
+        raise ValueError(f"logits must be [B, bs, V], got shape {shape}")
+    B, bs, V = shape
+    if B < 1 or bs < 1 or V < 1:
+        raise ValueError(f"logits must have B, bs, V >= 1, got shape {shape}")
+    if _dtype(logits) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise ValueError(f"logits must be float32 or bfloat16, got {_dtype(logits)}")
+    if V >= 2 ** 31 - 1:
+        raise ValueError(f"logits vocabulary {V} does not fit int32 indices")
+    if _shape(draft_tokens) != (B, bs - 1):
+        raise ValueError(f"draft_tokens must be int32 [B, bs-1] = {(B, bs - 1)}, "
+                         f"got {_shape(draft_tokens)}")
+    if not jnp.issubdtype(_dtype(draft_tokens), jnp.integer):
+        raise ValueError(f"draft_tokens must be an integer array, got {_dtype(draft_tokens)}")
+    for name, arr, kind in (("temperature", temperature, jnp.floating),
+                            ("seed", seed, jnp.integer), ("position", position, jnp.integer)):
+        if arr is None:
+            continue
+        if _shape(arr) != (B,):
+            raise ValueError(f"{name} must have shape [B] = {(B,)}, got {_shape(arr)}")
+        if not jnp.issubdtype(_dtype(arr), kind):
+            raise ValueError(f"{name} has dtype {_dtype(arr)}, expected {kind.__name__}")
+    if temperature is not None and seed is None:
+        raise ValueError("seed is required when temperature is given (sampling rows need a key)")
+    if draft_probs is not None:
+        if _shape(draft_probs) != (B, bs - 1, V):
+            raise ValueError(f"draft_probs must be [B, bs-1, V] = {(B, bs - 1, V)}, "
+                             f"got {_shape(draft_probs)}")
+        if not jnp.issubdtype(_dtype(draft_probs), jnp.floating):
+            raise ValueError(f"draft_probs must be floating point, got {_dtype(draft_probs)}")
+    if num_seqs is not None:
+        if isinstance(num_seqs, (int, np.integer)):
+            if not 0 <= int(num_seqs) <= B:
+                raise ValueError(f"num_seqs must be in [0, B={B}], got {num_seqs}")
+        elif _shape(num_seqs) not in ((), (1,)):
+            raise ValueError(f"num_seqs must be an int or an int32 scalar, got shape "
+                             f"{_shape(num_seqs)}")
+    return B, bs, V
+
+
+def row_params(B, bs, temperature, seed, position):
+    """Per-row (b, j) parameters: inv_t f32 [B, bs] (1/T, or 1 for greedy rows), gscale f32
+    [B, bs] (1 for sampling rows, 0 for greedy rows), key int32 [B, bs] (stream-0 row key of
+    (seed, position + j)). Returns None when temperature is None (all greedy)."""
+    if temperature is None:
+        return None
+    t = jnp.asarray(temperature, jnp.float32)
+    samp = t > 0
+    inv_t = jnp.where(samp, 1.0 / jnp.where(samp, t, 1.0), 1.0).astype(jnp.float32)
+    seed = jnp.asarray(seed, jnp.int32)
+    pos = jnp.zeros((B,), jnp.int32) if position is None else jnp.asarray(position, jnp.int32)
+    rowpos = pos[:, None] + jnp.arange(bs, dtype=jnp.int32)[None, :]
+    key = rng.row_key(seed[:, None], rowpos, rng.STREAM_GUMBEL)
+    inv_t = jnp.broadcast_to(inv_t[:, None], (B, bs))
+    gscale = jnp.broadcast_to(samp[:, None].astype(jnp.float32), (B, bs))
+    return inv_t, gscale, key
+
+
+def row_drafts(draft_tokens, V):
+    """int32 [B, bs]: the draft row j must match (d_{j+1}); -1 for invalid drafts and row bs-1."""
+    d = jnp.asarray(draft_tokens).astype(jnp.int32)
+    d = jnp.where((d >= 0) & (d < V), d, -1)
+    return jnp.pad(d, ((0, 0), (0, 1)), constant_values=-1)
+
+
+def seq_valid(B, num_seqs):
+    if num_seqs is None:
+        return jnp.ones((B,), bool)
+    return jnp.arange(B, dtype=jnp.int32) < jnp.asarray(num_seqs, jnp.int32).reshape(())
+
+
+def row_stats(logits, params, *, with_lse=False):
+    """Per row: idx int32 [B, bs] (argmax of the score), bad bool [B, bs] (NaN or all -inf),
+    lse f32 [B, bs] of logits * inv_t (None unless with_lse)."""
+    x = logits.astype(jnp.float32)
+    B, bs, V = x.shape
+    bad = jnp.isnan(x).any(-1) | (jnp.max(jnp.where(jnp.isnan(x), 0.0, x), -1) == -jnp.inf)
+    if params is None:
+        y = score = x
+    else:
+        inv_t, gscale, key = params
+        y = x * inv_t[..., None]
+        index = jnp.arange(V, dtype=jnp.int32)
+        g = rng.gumbel(rng.bits(key[..., None], index))
+        score = jnp.where(gscale[..., None] > 0, y + g, y)
+    idx = jnp.argmax(score, -1).astype(jnp.int32)
+    lse = jax.nn.logsumexp(y, -1) if with_lse else None
+    return idx, bad, lse
+
+
+def finish_onehot(idx, bad, drafts, valid):
+    """The accept scan: a = leading matches of idx[j] == drafts[j]; tokens idx[0..a], then -1."""
+    B, bs = idx.shape
+    j = jnp.arange(bs, dtype=jnp.int32)[None, :]
+    a = jnp.argmax(idx != drafts, axis=1).astype(jnp.int32)  # row bs-1 never matches
+    return _emit(a, jnp.where(j <= a[:, None], idx, -1), bad, valid)
+
+
+def _emit(a, tokens, bad, valid):
+    fail = bad.any(1) | ~valid
+    a = jnp.where(fail, 0, a).astype(jnp.int32)
+    tokens = jnp.where(fail[:, None], -1, tokens).astype(jnp.int32)
+    return VerifyResult(a, tokens)
+
+
+def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position, valid,
+                 temperature):
+    """draft_probs path after the per-row stats: accept test, residual sample at the first
+    rejection (one row of logits and q per sequence), bonus. Greedy rows use the one-hot scan."""
+    B, bs, V = logits.shape
+    inv_t, _, _ = params
+    samp = jnp.asarray(temperature, jnp.float32) > 0
+    onehot = finish_onehot(idx, bad, drafts, valid)
+    if bs == 1:
+        return onehot
+    seed = jnp.asarray(seed, jnp.int32)
+    pos = jnp.zeros((B,), jnp.int32) if position is None else jnp.asarray(position, jnp.int32)
+    d = drafts[:, :-1]                                     # [B, bs-1]
+    dvalid = d >= 0
+    dc = jnp.maximum(d, 0)
+    x_d = jnp.take_along_axis(logits[:, :-1, :], dc[..., None], axis=2)[..., 0].astype(jnp.float32)
+    q_d = jnp.take_along_axis(draft_probs, dc[..., None], axis=2)[..., 0].astype(jnp.float32)
+    p_d = jnp.exp(x_d * inv_t[:, :-1] - lse[:, :-1])
+    jj = jnp.arange(bs - 1, dtype=jnp.int32)[None, :]
+    akey = rng.row_key(seed[:, None], pos[:, None] + jj, rng.STREAM_ACCEPT)
+    u = rng.uniform(rng.bits(akey, 0))
+    accept = dvalid & (u * q_d < p_d)
+    a = jnp.where(accept.all(1), bs - 1, jnp.argmin(accept, axis=1)).astype(jnp.int32)
+    # Residual sample at row a (only meaningful when a < bs-1 and the draft was valid).
+    ar = jnp.minimum(a, bs - 2)
+    x_a = jnp.take_along_axis(logits, ar[:, None, None], axis=1)[:, 0, :].astype(jnp.float32)
+    q_a = jnp.take_along_axis(draft_probs, ar[:, None, None], axis=1)[:, 0, :].astype(jnp.float32)
+    inv_a = jnp.take_along_axis(inv_t, ar[:, None], axis=1)
+    lse_a = jnp.take_along_axis(lse, ar[:, None], axis=1)
+    p = jnp.exp(x_a * inv_a - lse_a)
+    r = jnp.maximum(p - q_a, 0.0)
+    gkey = rng.row_key(seed, pos + ar, rng.STREAM_GUMBEL)
+    g = rng.gumbel(rng.bits(gkey[:, None], jnp.arange(V, dtype=jnp.int32)[None, :]))
+    rscore = jnp.where(r > 0, jnp.log(jnp.where(r > 0, r, 1.0)) + g, -jnp.inf)
+    ridx = jnp.argmax(rscore, -1).astype(jnp.int32)
+    use_res = (a < bs - 1) & jnp.take_along_axis(dvalid, ar[:, None], axis=1)[:, 0] & (r > 0).any(-1)
+    idx_a = jnp.take_along_axis(idx, a[:, None], axis=1)[:, 0]
+    last = jnp.where(use_res, ridx, idx_a)
+    j = jnp.arange(bs, dtype=jnp.int32)[None, :]
+    tokens = jnp.where(j < a[:, None], drafts, jnp.where(j == a[:, None], last[:, None], -1))
+    sres = _emit(a, tokens, bad, valid)
+    return VerifyResult(jnp.where(samp, sres.num_accepted, onehot.num_accepted),
+                        jnp.where(samp[:, None], sres.tokens, onehot.tokens))
+
+
+def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
+                  draft_probs=None, num_seqs=None, block_sizes=None,
+                  interpret=None) -> VerifyResult:
+    """Plain-jnp verify/accept (`block_sizes` and `interpret` are accepted and ignored).
+
+    Args and result as `pallas_ops.verify_accept`: logits [B, bs, V] f32/bf16, draft_tokens int32
+    [B, bs-1], temperature f32 [B] | None, seed int32 [B] | None, position int32 [B] | None,
+    draft_probs [B, bs-1, V] | None, num_seqs int | int32 scalar | None ->
+    VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]).
+    """
+    del block_sizes, interpret
+    B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
+                          num_seqs)
+    params = row_params(B, bs, temperature, seed, position)
+    drafts = row_drafts(draft_tokens, V)
+    valid = seq_valid(B, num_seqs)
+    with_probs = draft_probs is not None and params is not None
+    idx, bad, lse = row_stats(logits, params, with_lse=with_probs)
+    if not with_probs:
+        return finish_onehot(idx, bad, drafts, valid)
+    return finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
+                        valid, temperature)
