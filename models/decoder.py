@@ -40,6 +40,8 @@ from models.sampling import sample_tokens
 from models.target import TargetModel
 
 UNUSED_PAGE = 2**30   # page-table filler when poison=True: a stray read of it fails loudly
+TRACE_COUNTS: collections.Counter = collections.Counter()
+_JIT_CACHE: dict = {}
 
 
 @dataclasses.dataclass
@@ -95,8 +97,6 @@ class _Engine:
         self.target_cache = make_paged_cache(c.num_layers, c.num_kv_heads, self.num_pages,
                                              page_size, c.head_dim, target.dtype, fill)
         self._gt, self._st = nnx.split(target)
-        self.trace_counts: collections.Counter = collections.Counter()
-        self._jitted: dict = {}
         # host state per slot
         self.slot_len = np.zeros(max_batch, np.int64)          # committed length L
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens at 0..L-1
@@ -136,16 +136,26 @@ class _Engine:
         return prompts
 
     # -- jit plumbing ----------------------------------------------------------------------------
-    def _jit(self, name, fn, donate):
-        if name not in self._jitted:
+    @property
+    def trace_counts(self) -> collections.Counter:
+        """How often each step function was traced (process-wide: decoders over models of the
+        same structure share their compiled step functions)."""
+        return TRACE_COUNTS
+
+    def _jit(self, name, key, build, donate):
+        full = (name, key)
+        if full not in _JIT_CACHE:
+            fn = build()
+
             def counted(*args):
-                self.trace_counts[name.split(":")[0]] += 1
+                TRACE_COUNTS[name] += 1
                 return fn(*args)
-            self._jitted[name] = jax.jit(counted, donate_argnums=donate)
-        return self._jitted[name]
+            _JIT_CACHE[full] = jax.jit(counted, donate_argnums=donate)
+        return _JIT_CACHE[full]
 
     def _prefill_fn(self, with_draft: bool):
         gt = self._gt
+        gd = self._gd if with_draft else None
         feature_layers = self.feature_layers
         ops = self.ops
 
@@ -158,7 +168,7 @@ class _Engine:
             logits = target.logits(h[last_rows])
             first = sample_tokens(logits, temp, seeds, sample_pos)
             if with_draft:
-                draft = nnx.merge(self._gd, dstate)
+                draft = nnx.merge(gd, dstate)
                 ctx = draft.context(feats)                                   # [T, H]
                 t_pad = tokens.shape[0]
                 rows = jnp.clip(row_start[:, None] + jnp.arange(t_pad), 0, t_pad - 1)
@@ -209,7 +219,8 @@ class _Engine:
                 row_start[slot], n_new[slot], ctx_lens[slot] = r, n, start
                 r += n
             cu[len(chunk) + 1:] = r
-            fn = self._jit(f"prefill:{with_draft}", self._prefill_fn(with_draft), donate=(1, 3))
+            key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend)
+            fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3))
             dstate = self._sd if with_draft else None
             dcache = self.draft_cache if with_draft else None
             first, self.target_cache, dcache = fn(
@@ -242,6 +253,9 @@ class _Engine:
         `progress(tokens_generated, steps)` is called after every decode step.
         """
         prompts = self._check_request(prompts, max_new_tokens, temperature, queue)
+        self._st = nnx.state(self.target)             # pick up weights changed since __init__
+        if isinstance(self, SpeculativeDecoder):
+            self._sd = nnx.state(self.draft)
         eos = set() if eos_token_id is None else (
             {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer))
             else {int(e) for e in eos_token_id})
@@ -347,7 +361,7 @@ class AutoregressiveDecoder(_Engine):
         lens = np.where(np.isin(np.arange(B), active), self.slot_len, 0).astype(np.int32)
         temp = np.full(B, temperature, np.float32)
         seeds = np.array([seed_of.get(s, 0) for s in range(B)], np.int32)
-        fn = self._jit("ar_step", self._step_fn(), donate=(1,))
+        fn = self._jit("ar_step", (self._gt, B, self.backend), self._step_fn, donate=(1,))
         nxt, self.target_cache = fn(self._st, self.target_cache, last.astype(np.int32), lens,
                                     order, np.int32(len(active)),
                                     self.allocator.page_table[order], temp, seeds)
@@ -363,21 +377,28 @@ class AutoregressiveDecoder(_Engine):
 class SpeculativeDecoder(_Engine):
     """DFlash speculative decoding: draft a block in one pass, verify it with the target.
 
-    `proposal_override` (tests, experiments): a callable (slot, request_tokens_so_far, bs - 1)
-    -> int array [bs - 1] or None, whose entries >= 0 replace the draft model's proposals for
-    that slot (the draft model still runs and keeps its context, so its state can be checked).
+    block_size defaults to the draft config's (the size it was trained for; a different one runs
+    but drafts worse). max_seq_len bounds prompt + max_new_tokens; the caches hold block_size
+    positions more (the verify block is written past the committed length).
+
+    `proposal_override` (tests, experiments): a callable (request index, tokens generated so
+    far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
+    model's proposals for that sequence (the draft model still runs and keeps its context, so its
+    state can be checked). See `models.testing`.
     """
 
     def __init__(self, target: TargetModel, draft: DraftModel, *, max_batch: int,
                  max_seq_len: int, page_size: int = 16, backend: str = "xla",
                  prefill_chunk: int = 256, num_pages: int | None = None, poison: bool = False,
-                 proposal_override: Callable | None = None):
+                 block_size: int | None = None, proposal_override: Callable | None = None):
         if not isinstance(draft, DraftModel):
             raise TypeError(f"draft must be a DraftModel, got {type(draft).__name__}")
         check_draft_fits_target(draft.config, target.config)
         if draft.dtype != target.dtype:
             raise ValueError(f"draft dtype {draft.dtype} != target dtype {target.dtype}")
-        self.block_size = draft.config.block_size
+        self.block_size = draft.config.block_size if block_size is None else block_size
+        if not isinstance(self.block_size, int) or not 2 <= self.block_size <= 64:
+            raise ValueError(f"block_size must be an int in [2, 64], got {self.block_size!r}")
         self.extra_positions = self.block_size
         self.feature_layers = tuple(draft.config.target_layer_ids)
         super().__init__(target, max_batch=max_batch, max_seq_len=max_seq_len,
@@ -446,12 +467,13 @@ class SpeculativeDecoder(_Engine):
         ext = np.full((B, bs - 1), -1, np.int32)
         if override:
             for s in active:
-                prop = self.proposal_override(s, list(out[slot_req[s]]), bs - 1)
+                prop = self.proposal_override(slot_req[s], list(out[slot_req[s]]), bs - 1)
                 if prop is not None:
                     ext[s] = np.asarray(prop, np.int32)[:bs - 1]
         greedy = temperature == 0
-        fn = self._jit(f"spec_step:{greedy}:{override}", self._step_fn(greedy, override),
-                       donate=(1, 3))
+        key = (self._gt, self._gd, B, bs, self.draft.config.mask_token_id, self.feature_layers,
+               self.backend, greedy, override)
+        fn = self._jit("spec_step", key, lambda: self._step_fn(greedy, override), donate=(1, 3))
         num_acc, tokens, drafts, self.target_cache, self.draft_cache = fn(
             self._st, self.target_cache, self._sd, self.draft_cache, last.astype(np.int32), lens,
             is_live, order, np.int32(len(active)), self.allocator.page_table[order], temp, seeds,
@@ -466,19 +488,33 @@ class SpeculativeDecoder(_Engine):
         return result
 
 
+_AR_DECODERS: dict = {}   # reuse compiled step functions across calls (sizes rounded up)
+
+
 def generate_autoregressive(target: TargetModel, prompts, *, max_new_tokens: int,
                             temperature: float = 0.0, seed: int = 0, eos_token_id=None,
                             max_batch: int | None = None, max_seq_len: int | None = None,
                             page_size: int = 16, backend: str = "xla",
                             poison: bool = False) -> GenerationOutput:
-    """Plain decoding baseline (a fresh `AutoregressiveDecoder` sized for these prompts)."""
+    """Plain decoding baseline over the same kernels and cache.
+
+    Runs an `AutoregressiveDecoder` sized for these prompts (max_batch and max_seq_len default to
+    powers of two above what the prompts need; decoders are cached per target and size, so
+    repeated calls do not recompile). Same arguments and result as `SpeculativeDecoder.generate`
+    (acceptance_lengths empty)."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
-    max_batch = max_batch or len(prompts)
-    max_seq_len = max_seq_len or (max(len(p) for p in prompts) + max_new_tokens)
-    dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
-                                page_size=page_size, backend=backend, poison=poison)
+    max_batch = max_batch or _next_pow2(len(prompts))
+    max_seq_len = max_seq_len or _next_pow2(max(len(p) for p in prompts) + max_new_tokens)
+    key = (id(target), max_batch, max_seq_len, page_size, backend, poison)
+    dec = _AR_DECODERS.get(key)
+    if dec is None or dec.target is not target:
+        dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
+                                    page_size=page_size, backend=backend, poison=poison)
+        if len(_AR_DECODERS) >= 8:
+            _AR_DECODERS.pop(next(iter(_AR_DECODERS)))
+        _AR_DECODERS[key] = dec
     return dec.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                         seed=seed, eos_token_id=eos_token_id)
 
