@@ -1,0 +1,347 @@
+"""Fused verify/accept from target logits: one Pallas TPU kernel, one read of the logits.
+
+After the target scores a block, decide per sequence how many drafts are accepted and which
+token comes next. Greedy rows (T = 0) take the argmax; sampling rows (T > 0) take a Gumbel-max
+sample of softmax(logits / T) with the counter-based noise of `pallas_ops.rng`; rows may mix.
+
+Kernel (`pl.pallas_call` named "verify_accept"): grid (sequence blocks, vocabulary tiles). Each
+step loads a [bb, bs, tv] tile of logits; per sequence and per 128-lane chunk it folds the scores
+into a running per-lane (max, argmax) kept in VMEM scratch (pure VPU work: no cross-lane reduction
+until the end), together with a NaN-propagating running max of the logits (NaN / all -inf
+detection). The tail tile is masked (entries >= V score -inf). In the last vocabulary step the
+lanes are reduced (lowest index on ties, as jnp.argmax), the accept scan runs and tokens are
+written. Blocks holding only padding sequences (>= num_seqs) map their DMAs onto the previous
+block (so nothing is fetched) and skip the compute. Blocks whose rows are all greedy skip the
+noise (a scalar-prefetched flag per block).
+
+The draft_probs path runs the same single pass with an online log-sum-exp, then a small jnp step
+(`verify_accept_xla.finish_probs`): accept test u * q(d) < p(d), and at the first rejection a
+Gumbel-max sample of max(0, p - q) from that one row of logits and q (B x V elements, not
+B x bs x V).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_ops import rng
+from pallas_ops.chips import CHIPS, current_chip
+from pallas_ops.execution import resolve_interpret
+from pallas_ops.verify_accept_block_sizes import (LANES, VerifyAcceptBlockSizes,
+                                                  default_block_sizes)
+from pallas_ops.verify_accept_types import VerifyResult
+from pallas_ops.verify_accept_xla import (check_args, finish_probs, row_drafts, row_params,
+                                          seq_valid)
+
+__all__ = ["verify_accept", "VerifyResult", "VerifyAcceptBlockSizes"]
+
+_NEG_INF = float("-inf")
+_BIG = 2 ** 31 - 1
+
+
+def _round_up(x, m):
+    return -(-x // m) * m
+
+
+def _chunk_unroll(nchunks: int) -> int:
+    for u in (8, 4, 2):
+        if nchunks % u == 0:
+            return u
+    return 1
+
+
+def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
+    it = iter(refs)
+    # Prefetch
+    ns_ref = next(it)                                  # SMEM int32 [1]: num_seqs
+    samp_ref = next(it) if sampling else None          # SMEM int32 [nblk]: block has T > 0 rows
+    # Inputs
+    logits_ref = next(it)                              # VMEM [bb, bs, tv] f32/bf16
+    drafts_ref = next(it)                              # VMEM int32 [bb, bs, 1]: d_{j+1} or -1
+    if sampling:
+        invt_ref = next(it)                            # VMEM f32 [bb, bs, 1]: 1/T (1 if greedy)
+        gsc_ref = next(it)                             # VMEM f32 [bb, bs, 1]: 1 sampling, 0 greedy
+        key_ref = next(it)                             # VMEM int32 [bb, bs, 1]: rng row key
+    # Outputs
+    if with_lse:
+        idx_out = next(it)                             # VMEM int32 [bb, bs, 1]: sample per row
+        bad_out = next(it)                             # VMEM int32 [bb, bs, 1]: 1 if NaN/all -inf
+        lse_out = next(it)                             # VMEM f32 [bb, bs, 1]: lse(logits / T)
+    else:
+        tok_out = next(it)                             # VMEM int32 [bb, bs, 1]: tokens
+        acc_out = next(it)                             # VMEM int32 [bb, 1, 1]: num_accepted
+    # Scratch
+    m_sc = next(it)                                    # VMEM f32 [bb, bs, 128]: running max score
+    i_sc = next(it)                                    # VMEM int32 [bb, bs, 128]: its index
+    n_sc = next(it)                                    # VMEM f32 [bb, bs, 128]: NaN-prop. max(y)
+    if with_lse:
+        lm_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running max
+        ls_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running sum
+
+    i = pl.program_id(0)
+    v = pl.program_id(1)
+    nv = pl.num_programs(1)
+    ns = ns_ref[0]
+    live = i * bb < ns
+    nchunks = tv // LANES
+    unroll = _chunk_unroll(nchunks)
+    tail = V % tv != 0
+
+    @pl.when(v == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, _NEG_INF, jnp.float32)
+        i_sc[...] = jnp.zeros(i_sc.shape, jnp.int32)
+        n_sc[...] = jnp.full(n_sc.shape, _NEG_INF, jnp.float32)
+        if with_lse:
+            lm_sc[...] = jnp.full(lm_sc.shape, _NEG_INF, jnp.float32)
+            ls_sc[...] = jnp.zeros(ls_sc.shape, jnp.float32)
+
+    def process(masked: bool, noisy: bool):
+        base = v * tv
+        lane = lax.broadcasted_iota(jnp.int32, (bs, LANES), 1)
+
+        def seq(b, carry):
+            if noisy:
+                invt = jnp.broadcast_to(invt_ref[b], (bs, LANES))
+                gsc = jnp.broadcast_to(gsc_ref[b], (bs, LANES))
+                key = jnp.broadcast_to(key_ref[b], (bs, LANES))
+
+            def load(c):
+                off = pl.multiple_of(c * LANES, LANES)
+                x = logits_ref[b, :, pl.ds(off, LANES)].astype(jnp.float32)
+                gidx = lane + (base + off)
+                if masked:
+                    x = jnp.where(gidx < V, x, _NEG_INF)
+                return x, gidx
+
+            def chunk(c, st):
+                m, idx, n = st
+                x, gidx = load(c)
+                if noisy:
+                    y = x * invt
+                    s = y + rng.gumbel(rng.bits(key, gidx)) * gsc
+                else:
+                    y = s = x
+                n = jnp.maximum(n, y)          # propagates NaN
+                upd = s > m                    # strict: the lowest index wins ties
+                return jnp.where(upd, s, m), jnp.where(upd, gidx, idx), n
+
+            m, idx, n = lax.fori_loop(0, nchunks, chunk, (m_sc[b], i_sc[b], n_sc[b]),
+                                      unroll=unroll)
+            m_sc[b] = m
+            i_sc[b] = idx
+            n_sc[b] = n
+            if with_lse and noisy:
+                m_old = lm_sc[b]                                    # [bs, 1]
+                m_new = jnp.max(n, axis=-1, keepdims=True)          # running max of y so far
+                m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+                m_bcast = jnp.broadcast_to(m_safe, (bs, LANES))
+
+                def chunk_sum(c, acc):
+                    x, _ = load(c)
+                    return acc + jnp.exp(x * invt - m_bcast)
+
+                acc = lax.fori_loop(0, nchunks, chunk_sum,
+                                    jnp.zeros((bs, LANES), jnp.float32), unroll=unroll)
+                scale = jnp.exp(m_old - m_safe)
+                ls_sc[b] = ls_sc[b] * scale + jnp.sum(acc, axis=-1, keepdims=True)
+                lm_sc[b] = m_new
+            return carry
+
+        lax.fori_loop(0, bb, seq, 0)
+
+    def run(masked: bool):
+        if not sampling:
+            process(masked, False)
+            return
+        blk_samp = samp_ref[i] != 0
+
+        @pl.when(blk_samp)
+        def _():
+            process(masked, True)
+
+        @pl.when(jnp.logical_not(blk_samp))
+        def _():
+            process(masked, False)
+
+    if tail:
+        @pl.when(live & (v < nv - 1))
+        def _body():
+            run(False)
+
+        @pl.when(live & (v == nv - 1))
+        def _tail():
+            run(True)
+    else:
+        @pl.when(live)
+        def _body():
+            run(False)
+
+    @pl.when(v == nv - 1)
+    def _finish():
+        m = m_sc[...]
+        mx = jnp.max(m, axis=-1, keepdims=True)                               # [bb, bs, 1]
+        tok = jnp.min(jnp.where(m == mx, i_sc[...], _BIG), axis=-1, keepdims=True)
+        nmax = jnp.max(n_sc[...], axis=-1, keepdims=True)
+        bad = jnp.isnan(nmax) | (nmax == _NEG_INF)                          # [bb, bs, 1]
+        if with_lse:
+            idx_out[...] = tok
+            bad_out[...] = bad.astype(jnp.int32)
+            lse_out[...] = lm_sc[...] + jnp.log(ls_sc[...])
+            return
+        seq_id = i * bb + lax.broadcasted_iota(jnp.int32, (bb, 1, 1), 0)
+        j = lax.broadcasted_iota(jnp.int32, (bb, bs, 1), 1)
+        match = tok == drafts_ref[...]                       # row bs-1 never matches (-1)
+        a = jnp.min(jnp.where(match, bs - 1, j), axis=1, keepdims=True)     # [bb, 1, 1]
+        fail = (jnp.max(bad.astype(jnp.int32), axis=1, keepdims=True) > 0) | (seq_id >= ns)
+        acc_out[...] = jnp.where(fail, 0, a)
+        tok_out[...] = jnp.where(fail | (j > a), -1, tok)
+
+
+def _vmem_estimate(bb, bs, tv, itemsize, with_lse):
+    sub = 16 if itemsize == 2 else 8
+    tile = bb * _round_up(bs, sub) * tv * itemsize
+    rows = bb * _round_up(bs, 8) * LANES * 4          # one [bb, bs, 1|128] 32-bit array
+    scratch = 3 * rows + (2 * rows if with_lse else 0)
+    small = 2 * 8 * rows                               # row params + outputs, double-buffered
+    return 2 * tile + scratch + small
+
+
+def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpret, chip):
+    B, bs, V = logits.shape
+    bb, tv = bsz.seqs_per_block, bsz.vocab_tile
+    nblk, nv = B // bb, pl.cdiv(V, tv)
+    sampling = params is not None
+
+    def blk(i, ns_ref):
+        last = jnp.maximum((ns_ref[0] + bb - 1) // bb, 1) - 1
+        return jnp.minimum(i, last), i > last
+
+    def logits_map(i, v, ns_ref, *_):
+        bi, pad = blk(i, ns_ref)
+        return bi, 0, jnp.where(pad, nv - 1, v)
+
+    def row_map(i, v, ns_ref, *_):
+        return blk(i, ns_ref)[0], 0, 0
+
+    def out_map(i, v, *_):
+        return i, 0, 0
+
+    row_spec = pl.BlockSpec((bb, bs, 1), row_map)
+    in_specs = [pl.BlockSpec((bb, bs, tv), logits_map), row_spec]
+    args = [logits, drafts[..., None]]
+    prefetch = [ns]
+    if sampling:
+        inv_t, gscale, key = params
+        in_specs += [row_spec] * 3
+        args += [inv_t[..., None], gscale[..., None], key[..., None]]
+        prefetch.append(samp_blk)
+    if with_lse:
+        out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
+                     jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
+                     jax.ShapeDtypeStruct((B, bs, 1), jnp.float32)]
+        out_specs = [pl.BlockSpec((bb, bs, 1), out_map)] * 3
+    else:
+        out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
+                     jax.ShapeDtypeStruct((B, 1, 1), jnp.int32)]
+        out_specs = [pl.BlockSpec((bb, bs, 1), out_map), pl.BlockSpec((bb, 1, 1), out_map)]
+    scratch = [pltpu.VMEM((bb, bs, LANES), jnp.float32),
+               pltpu.VMEM((bb, bs, LANES), jnp.int32),
+               pltpu.VMEM((bb, bs, LANES), jnp.float32)]
+    if with_lse:
+        scratch += [pltpu.VMEM((bb, bs, 1), jnp.float32), pltpu.VMEM((bb, bs, 1), jnp.float32)]
+
+    itemsize = jnp.dtype(logits.dtype).itemsize
+    n = B * bs * V
+    per_elem = 6 + (26 if sampling else 0) + (5 if with_lse else 0)
+    cost = pl.CostEstimate(
+        flops=per_elem * n,
+        transcendentals=(2 * n if sampling else 0) + (n if with_lse else 0),
+        bytes_accessed=n * itemsize + B * bs * 4 * (2 + (3 if sampling else 0) + 2),
+    )
+    vmem = _vmem_estimate(bb, bs, tv, itemsize, with_lse)
+    budget = CHIPS[chip].vmem_bytes if chip in CHIPS else 64 * 1024 * 1024
+    if vmem > budget // 2:
+        raise ValueError(f"block_sizes {bsz} need ~{vmem} bytes of VMEM, over half the "
+                         f"{budget}-byte budget of {chip or 'the fallback chip'}")
+    kernel = functools.partial(_kernel, V=V, tv=tv, bs=bs, bb=bb, sampling=sampling,
+                               with_lse=with_lse)
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch),
+            grid=(nblk, nv),
+            in_specs=in_specs,
+            out_specs=out_specs,
+            scratch_shapes=scratch,
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary"),
+            vmem_limit_bytes=int(min(budget, max(2 * vmem, 16 * 1024 * 1024))),
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="verify_accept",
+    )(*prefetch, *args)
+
+
+def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
+                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
+                  chip=None) -> VerifyResult:
+    """Verify a block of drafts per sequence against the target logits, in one kernel.
+
+    Args:
+      logits: f32 or bf16 [B, bs, V]; row j scores the token that follows block token j.
+      draft_tokens: int32 [B, bs-1], drafts d_1..d_{bs-1}; -1 (or anything outside [0, V)) is
+        padding: rejected, never used as an index.
+      temperature: f32 [B] or None (all greedy). T <= 0 (or NaN) means greedy for that row.
+      seed: int32 [B], per-sequence seed; required when temperature is given.
+      position: int32 [B] or None (0): absolute position of block token 0; row j's noise is keyed
+        by (seed, position + j), so results do not depend on batch order or padding.
+      draft_probs: [B, bs-1, V] float draft distribution q, or None (one-hot drafts).
+      num_seqs: int or int32 scalar; sequences >= num_seqs are padding (never read).
+      block_sizes: `VerifyAcceptBlockSizes` or None (the table for `chip` / the current chip).
+      interpret: see `pallas_ops.execution.resolve_interpret`.
+      chip: 'v5e' | 'v5p' | 'v6e' | None: block-size table and VMEM budget (None: current chip).
+
+    Returns:
+      VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]): tokens = d_1..d_a, then the
+      target's token at position a, then -1. Padding sequences, and sequences whose logits hold a
+      NaN or a row of all -inf: num_accepted 0 and tokens all -1 (see `reference/verify_accept.py`
+      for the exact semantics of every case).
+    """
+    B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
+                          num_seqs)
+    if chip is None:
+        chip = current_chip()
+    itemsize = jnp.dtype(logits.dtype).itemsize
+    if block_sizes is None:
+        block_sizes = default_block_sizes(B, bs, V, itemsize, chip)
+    if not isinstance(block_sizes, VerifyAcceptBlockSizes):
+        raise ValueError(f"block_sizes must be a VerifyAcceptBlockSizes, got {block_sizes!r}")
+    if B % block_sizes.seqs_per_block:
+        raise ValueError(f"block_sizes.seqs_per_block={block_sizes.seqs_per_block} must divide "
+                         f"B={B}")
+    interpret = resolve_interpret(interpret)
+    params = row_params(B, bs, temperature, seed, position)
+    drafts = row_drafts(draft_tokens, V)
+    with_lse = draft_probs is not None and params is not None
+    ns = jnp.clip(jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(1), 0, B)
+    samp_blk = None
+    if params is not None:
+        bb = block_sizes.seqs_per_block
+        samp_blk = (params[1].reshape(B // bb, bb * bs) > 0).any(1).astype(jnp.int32)
+    outs = _verify_call(logits, drafts, ns, samp_blk, params, bsz=block_sizes,
+                        with_lse=with_lse, interpret=interpret, chip=chip)
+    if not with_lse:
+        tok, acc = outs
+        return VerifyResult(acc[:, 0, 0], tok[..., 0])
+    idx, bad, lse = (o[..., 0] for o in outs)
+    return finish_probs(logits, draft_probs, drafts, idx, bad > 0, lse, params, seed, position,
+                        seq_valid(B, num_seqs), temperature)

@@ -1,0 +1,73 @@
+"""Block sizes of the verify/accept kernel: a frozen dataclass, a per-generation table, a fallback.
+
+A grid step covers `seqs_per_block` sequences x all bs rows x `vocab_tile` vocabulary entries.
+The table gives, per chip, the target bytes of logits per grid step (large enough to hide the
+~0.35 us per-step overhead behind the DMA, small enough to double-buffer well inside VMEM) and the
+cap on sequences per step; `default_block_sizes` turns it into concrete sizes for a shape.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from pallas_ops.chips import CHIPS, current_chip
+
+LANES = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyAcceptBlockSizes:
+    """seqs_per_block: sequences per grid step (leading dim of the logits block);
+    vocab_tile: vocabulary entries per grid step, a multiple of 128 (the tail tile is masked)."""
+
+    seqs_per_block: int
+    vocab_tile: int
+
+    def __post_init__(self):
+        if not isinstance(self.seqs_per_block, int) or self.seqs_per_block < 1:
+            raise ValueError(f"seqs_per_block must be a positive int, got {self.seqs_per_block!r}")
+        if (not isinstance(self.vocab_tile, int) or self.vocab_tile < LANES
+                or self.vocab_tile % LANES):
+            raise ValueError(f"vocab_tile must be a positive multiple of {LANES}, "
+                             f"got {self.vocab_tile!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _ChipTuning:
+    step_bytes: int        # target bytes of logits per grid step
+    max_seqs: int          # cap on seqs_per_block
+    max_tile: int          # cap on vocab_tile
+
+
+# Chosen from the bundle dumps (see bench/verify_accept.py): 1 MiB of logits per step keeps the
+# step overhead under ~10% of the DMA time on every generation.
+TUNING: dict[str, _ChipTuning] = {
+    "v5e": _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768),
+    "v5p": _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768),
+    "v6e": _ChipTuning(step_bytes=2 << 20, max_seqs=8, max_tile=32768),
+}
+FALLBACK = _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_block_sizes(B: int, bs: int, V: int, itemsize: int,
+                        chip: str | None = None) -> VerifyAcceptBlockSizes:
+    """Block sizes for logits [B, bs, V] of `itemsize` bytes on `chip` (None: current chip)."""
+    if chip is None:
+        chip = current_chip()
+    tune = TUNING.get(chip, FALLBACK) if chip is not None else FALLBACK
+    # Largest divisor of B not above the cap: no partial sequence blocks.
+    bb = max(d for d in range(1, min(B, tune.max_seqs) + 1) if B % d == 0)
+    sub = 16 if itemsize == 2 else 8
+    row_bytes = bb * _round_up(bs, sub) * itemsize
+    tile = max(LANES, (tune.step_bytes // row_bytes) // LANES * LANES)
+    tile = min(tile, tune.max_tile, _round_up(V, LANES))
+    # Even out the tiles so the last one is not a sliver.
+    n = -(-V // tile)
+    tile = _round_up(-(-V // n), LANES)
+    return VerifyAcceptBlockSizes(bb, tile)
+
+
+__all__ = ["VerifyAcceptBlockSizes", "default_block_sizes", "TUNING", "CHIPS"]
