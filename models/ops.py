@@ -18,6 +18,11 @@ BACKENDS = ("pallas", "xla")
 @dataclasses.dataclass(frozen=True)
 class Ops:
     backend: str
+    chip: str | None = None      # pallas only: block sizes / VMEM budget of this TPU generation
+                                 # (None = the current TPU, else the kernels' fallback)
+
+    def _chip(self):
+        return {"chip": self.chip} if self.backend == "pallas" and self.chip else {}
 
     def _mod(self, name):
         suffix = "_xla" if self.backend == "xla" else ""
@@ -28,7 +33,7 @@ class Ops:
         """[T, Hq, D] causal attention over paged KV (see `pallas_ops.paged_attention`)."""
         return self._mod("paged_attention").paged_attention(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-            sliding_window=sliding_window)
+            sliding_window=sliding_window, **self._chip())
 
     def write_kv_pages(self, k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
                        num_seqs):
@@ -39,7 +44,8 @@ class Ops:
                         sliding_window=None):
         """[B, bs, Hq, D] non-causal block attention (see `pallas_ops.block_attention`)."""
         return self._mod("block_attention").block_attention(
-            q, k_block, v_block, k_cache, v_cache, ctx_lens, sliding_window=sliding_window)
+            q, k_block, v_block, k_cache, v_cache, ctx_lens, sliding_window=sliding_window,
+            **self._chip())
 
     def append_context(self, k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
         return self._mod("block_attention").append_context(
@@ -48,10 +54,11 @@ class Ops:
     def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None):
         """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""
         return self._mod("verify_accept").verify_accept(
-            logits, draft_tokens, temperature=temperature, seed=seed, position=position)
+            logits, draft_tokens, temperature=temperature, seed=seed, position=position,
+            **self._chip())
 
 
-def get_ops(backend: str) -> Ops:
+def get_ops(backend: str, chip: str | None = None) -> Ops:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return Ops(backend)
+    return Ops(backend, chip)
