@@ -59,13 +59,12 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
     it = iter(refs)
     # Prefetch
     ns_ref = next(it)                                  # SMEM int32 [1]: num_seqs
-    samp_ref = next(it) if sampling else None          # SMEM int32 [nblk]: block has T > 0 rows
+    samp_ref = next(it) if sampling else None          # SMEM int32 [B]: 1 if T > 0 (sampling)
     # Inputs
     logits_ref = next(it)                              # VMEM [bb, bs, tv] f32/bf16
     drafts_ref = next(it)                              # VMEM int32 [bb, bs, 1]: d_{j+1} or -1
     if sampling:
-        invt_ref = next(it)                            # VMEM f32 [bb, bs, 1]: 1/T (1 if greedy)
-        gsc_ref = next(it)                             # VMEM f32 [bb, bs, 1]: 1 sampling, 0 greedy
+        invt_ref = next(it)                            # VMEM f32 [bb, bs, 1]: 1/T
         key_ref = next(it)                             # VMEM int32 [bb, bs, 1]: rng row key
     # Outputs
     if with_lse:
@@ -76,10 +75,10 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
         tok_out = next(it)                             # VMEM int32 [bb, bs, 1]: tokens
         acc_out = next(it)                             # VMEM int32 [bb, 1, 1]: num_accepted
     # Scratch
-    m_sc = next(it)                                    # VMEM f32 [bb, bs, 128]: running max score
-    i_sc = next(it)                                    # VMEM int32 [bb, bs, 128]: its index
-    n_sc = next(it)                                    # VMEM f32 [bb, bs, 128]: NaN-prop. max(y)
+    m_sc = next(it)                                    # VMEM f32 [bb, bs, 128]: per-lane max score
+    c_sc = next(it)                                    # VMEM int32 [bb, bs, 128]: its chunk id
     if with_lse:
+        n_sc = next(it)                                # VMEM f32 [bb, bs, 128]: per-lane max x/T
         lm_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running max
         ls_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running sum
 
@@ -90,105 +89,134 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
     live = i * bb < ns
     nchunks = tv // LANES
     unroll = _chunk_unroll(nchunks)
+    ngroups = nchunks // unroll
     tail = V % tv != 0
 
     @pl.when(v == 0)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, _NEG_INF, jnp.float32)
-        i_sc[...] = jnp.zeros(i_sc.shape, jnp.int32)
-        n_sc[...] = jnp.full(n_sc.shape, _NEG_INF, jnp.float32)
+        c_sc[...] = jnp.zeros(c_sc.shape, jnp.int32)
         if with_lse:
+            n_sc[...] = jnp.full(n_sc.shape, _NEG_INF, jnp.float32)
             lm_sc[...] = jnp.full(lm_sc.shape, _NEG_INF, jnp.float32)
             ls_sc[...] = jnp.zeros(ls_sc.shape, jnp.float32)
 
-    def process(masked: bool, noisy: bool):
-        base = v * tv
-        lane = lax.broadcasted_iota(jnp.int32, (bs, LANES), 1)
+    base = v * tv
+    chunk0 = v * nchunks
+    lane = lax.broadcasted_iota(jnp.int32, (bs, LANES), 1)
+    lim = V - base                                     # valid lanes of this tile (masked tile)
 
-        def seq(b, carry):
-            if noisy:
-                invt = jnp.broadcast_to(invt_ref[b], (bs, LANES))
-                gsc = jnp.broadcast_to(gsc_ref[b], (bs, LANES))
-                key = jnp.broadcast_to(key_ref[b], (bs, LANES))
+    def load(b, g0, c, masked):
+        # One dynamic window per group of `unroll` chunks, static 128-lane slices inside it:
+        # the address arithmetic is done once per group, not per chunk.
+        win = logits_ref.at[b, :, pl.ds(g0, unroll * LANES)]
+        x = win[:, c * LANES:(c + 1) * LANES].astype(jnp.float32)
+        if masked:
+            x = jnp.where(lane < lim - (g0 + c * LANES), x, _NEG_INF)
+        return x
 
-            def load(c):
-                off = pl.multiple_of(c * LANES, LANES)
-                x = logits_ref[b, :, pl.ds(off, LANES)].astype(jnp.float32)
-                gidx = lane + (base + off)
-                if masked:
-                    x = jnp.where(gidx < V, x, _NEG_INF)
-                return x, gidx
+    def greedy_seq(b, masked):
+        # Per lane and row: m = running max (jnp.maximum: a NaN propagates into m), cid = the
+        # first chunk (global 128-lane chunk number) reaching it (strict >: lowest index wins
+        # ties). Global index = cid * 128 + lane.
+        def group(g, st):
+            m, cid = st
+            g0 = pl.multiple_of(g * (unroll * LANES), unroll * LANES)
+            for c in range(unroll):
+                x = load(b, g0, c, masked)
+                upd = x > m
+                m = jnp.maximum(m, x)
+                cid = jnp.where(upd, chunk0 + g * unroll + c, cid)
+            return m, cid
 
-            def chunk(c, st):
-                m, idx, n = st
-                x, gidx = load(c)
-                if noisy:
-                    y = x * invt
-                    s = y + rng.gumbel(rng.bits(key, gidx)) * gsc
-                else:
-                    y = s = x
-                n = jnp.maximum(n, y)          # propagates NaN
-                upd = s > m                    # strict: the lowest index wins ties
-                return jnp.where(upd, s, m), jnp.where(upd, gidx, idx), n
+        m, cid = lax.fori_loop(0, ngroups, group, (m_sc[b], c_sc[b]))
+        m_sc[b] = m
+        c_sc[b] = cid
 
-            m, idx, n = lax.fori_loop(0, nchunks, chunk, (m_sc[b], i_sc[b], n_sc[b]),
-                                      unroll=unroll)
-            m_sc[b] = m
-            i_sc[b] = idx
+    def sampling_seq(b, masked):
+        # Score x / T + Gumbel(seed, position + j, index): a Gumbel-max sample per row.
+        invt = jnp.broadcast_to(invt_ref[b], (bs, LANES))
+        key = jnp.broadcast_to(key_ref[b], (bs, LANES))
+        mul = jnp.int32(rng._i32(rng.INDEX_MUL))
+        step = jnp.int32(rng._i32(LANES * rng.INDEX_MUL))
+
+        def group(g, st):
+            m, cid, n, imul = st
+            g0 = pl.multiple_of(g * (unroll * LANES), unroll * LANES)
+            for c in range(unroll):
+                x = load(b, g0, c, masked)
+                y = x * invt
+                s = y + rng.gumbel(rng.bits_premul(key, imul))   # imul = index * INDEX_MUL
+                imul = imul + step
+                if with_lse:
+                    n = jnp.maximum(n, y)
+                upd = s > m
+                m = jnp.maximum(m, s)
+                cid = jnp.where(upd, chunk0 + g * unroll + c, cid)
+            return m, cid, n, imul
+
+        n0 = n_sc[b] if with_lse else m_sc[b]
+        m, cid, n, _ = lax.fori_loop(0, ngroups, group,
+                                     (m_sc[b], c_sc[b], n0, (lane + base) * mul))
+        m_sc[b] = m
+        c_sc[b] = cid
+        if with_lse:
+            # Online log-sum-exp of y = x / T: the tile's max first (n), then one more pass.
             n_sc[b] = n
-            if with_lse and noisy:
-                m_old = lm_sc[b]                                    # [bs, 1]
-                m_new = jnp.max(n, axis=-1, keepdims=True)          # running max of y so far
-                m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-                m_bcast = jnp.broadcast_to(m_safe, (bs, LANES))
+            m_old = lm_sc[b]                                    # [bs, 1]
+            m_new = jnp.max(n, axis=-1, keepdims=True)
+            m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+            m_bcast = jnp.broadcast_to(m_safe, (bs, LANES))
 
-                def chunk_sum(c, acc):
-                    x, _ = load(c)
-                    return acc + jnp.exp(x * invt - m_bcast)
+            def group_sum(g, acc):
+                g0 = pl.multiple_of(g * (unroll * LANES), unroll * LANES)
+                for c in range(unroll):
+                    acc = acc + jnp.exp(load(b, g0, c, masked) * invt - m_bcast)
+                return acc
 
-                acc = lax.fori_loop(0, nchunks, chunk_sum,
-                                    jnp.zeros((bs, LANES), jnp.float32), unroll=unroll)
-                scale = jnp.exp(m_old - m_safe)
-                ls_sc[b] = ls_sc[b] * scale + jnp.sum(acc, axis=-1, keepdims=True)
-                lm_sc[b] = m_new
+            acc = lax.fori_loop(0, ngroups, group_sum, jnp.zeros((bs, LANES), jnp.float32))
+            ls_sc[b] = ls_sc[b] * jnp.exp(m_old - m_safe) + jnp.sum(acc, -1, keepdims=True)
+            lm_sc[b] = m_new
+
+    def process(masked: bool):
+        def seq(b, carry):
+            if not sampling:
+                greedy_seq(b, masked)
+                return carry
+            samp = samp_ref[i * bb + b] != 0
+
+            @pl.when(samp)
+            def _():
+                sampling_seq(b, masked)
+
+            @pl.when(jnp.logical_not(samp))
+            def _():
+                greedy_seq(b, masked)
             return carry
 
         lax.fori_loop(0, bb, seq, 0)
 
-    def run(masked: bool):
-        if not sampling:
-            process(masked, False)
-            return
-        blk_samp = samp_ref[i] != 0
-
-        @pl.when(blk_samp)
-        def _():
-            process(masked, True)
-
-        @pl.when(jnp.logical_not(blk_samp))
-        def _():
-            process(masked, False)
-
     if tail:
         @pl.when(live & (v < nv - 1))
         def _body():
-            run(False)
+            process(False)
 
         @pl.when(live & (v == nv - 1))
         def _tail():
-            run(True)
+            process(True)
     else:
         @pl.when(live)
         def _body():
-            run(False)
+            process(False)
 
     @pl.when(v == nv - 1)
     def _finish():
         m = m_sc[...]
         mx = jnp.max(m, axis=-1, keepdims=True)                               # [bb, bs, 1]
-        tok = jnp.min(jnp.where(m == mx, i_sc[...], _BIG), axis=-1, keepdims=True)
-        nmax = jnp.max(n_sc[...], axis=-1, keepdims=True)
-        bad = jnp.isnan(nmax) | (nmax == _NEG_INF)                          # [bb, bs, 1]
+        gidx = c_sc[...] * LANES + lax.broadcasted_iota(jnp.int32, m.shape, 2)
+        tok = jnp.min(jnp.where(m == mx, gidx, _BIG), axis=-1, keepdims=True)
+        nan = jnp.max(jnp.where(m != m, 1, 0), axis=-1, keepdims=True) > 0
+        bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
         if with_lse:
             idx_out[...] = tok
             bad_out[...] = bad.astype(jnp.int32)
@@ -219,7 +247,7 @@ def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpr
     sampling = params is not None
 
     def blk(i, ns_ref):
-        last = jnp.maximum((ns_ref[0] + bb - 1) // bb, 1) - 1
+        last = jnp.maximum(lax.div(ns_ref[0] + (bb - 1), jnp.int32(bb)), 1) - 1  # no sign()
         return jnp.minimum(i, last), i > last
 
     def logits_map(i, v, ns_ref, *_):
@@ -237,9 +265,9 @@ def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpr
     args = [logits, drafts[..., None]]
     prefetch = [ns]
     if sampling:
-        inv_t, gscale, key = params
-        in_specs += [row_spec] * 3
-        args += [inv_t[..., None], gscale[..., None], key[..., None]]
+        inv_t, _, key = params
+        in_specs += [row_spec] * 2
+        args += [inv_t[..., None], key[..., None]]
         prefetch.append(samp_blk)
     if with_lse:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
@@ -251,10 +279,10 @@ def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpr
                      jax.ShapeDtypeStruct((B, 1, 1), jnp.int32)]
         out_specs = [pl.BlockSpec((bb, bs, 1), out_map), pl.BlockSpec((bb, 1, 1), out_map)]
     scratch = [pltpu.VMEM((bb, bs, LANES), jnp.float32),
-               pltpu.VMEM((bb, bs, LANES), jnp.int32),
-               pltpu.VMEM((bb, bs, LANES), jnp.float32)]
+               pltpu.VMEM((bb, bs, LANES), jnp.int32)]
     if with_lse:
-        scratch += [pltpu.VMEM((bb, bs, 1), jnp.float32), pltpu.VMEM((bb, bs, 1), jnp.float32)]
+        scratch += [pltpu.VMEM((bb, bs, LANES), jnp.float32),
+                    pltpu.VMEM((bb, bs, 1), jnp.float32), pltpu.VMEM((bb, bs, 1), jnp.float32)]
 
     itemsize = jnp.dtype(logits.dtype).itemsize
     n = B * bs * V
@@ -335,8 +363,7 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
     ns = jnp.clip(jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(1), 0, B)
     samp_blk = None
     if params is not None:
-        bb = block_sizes.seqs_per_block
-        samp_blk = (params[1].reshape(B // bb, bb * bs) > 0).any(1).astype(jnp.int32)
+        samp_blk = (params[1][:, 0] > 0).astype(jnp.int32)       # per sequence
     outs = _verify_call(logits, drafts, ns, samp_blk, params, bsz=block_sizes,
                         with_lse=with_lse, interpret=interpret, chip=chip)
     if not with_lse:

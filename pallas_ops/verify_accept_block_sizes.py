@@ -64,9 +64,10 @@ def default_block_sizes(B: int, bs: int, V: int, itemsize: int,
     row_bytes = bb * _round_up(bs, sub) * itemsize
     tile = max(LANES, (tune.step_bytes // row_bytes) // LANES * LANES)
     tile = min(tile, tune.max_tile, _round_up(V, LANES))
-    # Even out the tiles so the last one is not a sliver.
+    # Even out the tiles so the last one is not a sliver; keep whole groups of 8 chunks of 128
+    # lanes (the kernel's unrolled inner loop) when the tile is large enough.
     n = -(-V // tile)
-    tile = _round_up(-(-V // n), LANES)
+    tile = _round_up(-(-V // n), 8 * LANES if tile >= 8 * LANES else LANES)
     return VerifyAcceptBlockSizes(bb, tile)
 
 

@@ -1,0 +1,160 @@
+"""Benchmark protocol of `pallas_ops.verify_accept` (fused verify/accept from target logits).
+
+Catalogue shapes: `bench.shapes.VERIFY_ACCEPT` (Qwen3 B=64 bs=16 V=151936 and Llama-3.1 B=1
+bs=10 V=128256, bf16, greedy and sampling).
+
+- `build(shape, *, chip)`: the compiled-mode call (interpret=False) with the chip's block sizes.
+- `hbm_bytes(shape)`: the one-read floor B x bs x V x itemsize (plus draft_probs when a shape
+  has them; the catalogue's do not).
+- `main_loop(shape, *, chip)`: for `python -m bench static`. One iteration = one sequence of one
+  vocab tile (bs x vocab_tile logits), the `fori_loop` over the block's sequences; the 128-lane
+  chunk loop nested in it runs nchunks / unroll times.
+- `main()`: wall clock on a TPU (time, GB/s, % of the HBM roofline against the one-read floor);
+  off TPU the bytes and the v5p floor, marked not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+
+from bench import shapes as shapes_mod
+
+KERNEL = "verify_accept"
+CALL_NAME = "verify_accept"
+
+
+def shapes() -> list:
+    return list(shapes_mod.VERIFY_ACCEPT)
+
+
+def find(name: str):
+    return shapes_mod.find(KERNEL, name)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bfloat16": 2, "float32": 4}[dtype]
+
+
+def block_sizes(shape, chip: str):
+    """The table's sizes for `shape` on `chip`; env PALLAS_DFLASH_VA_BLOCKS="seqs,vocab_tile"
+    overrides them (for sweeps with `python -m bench static`)."""
+    from pallas_ops.verify_accept_block_sizes import VerifyAcceptBlockSizes, default_block_sizes
+
+    override = os.environ.get("PALLAS_DFLASH_VA_BLOCKS")
+    if override:
+        bb, tv = (int(x) for x in override.split(","))
+        return VerifyAcceptBlockSizes(bb, tv)
+    return default_block_sizes(shape.batch, shape.block_size, shape.vocab,
+                               _itemsize(shape.dtype), chip)
+
+
+def build(shape, *, chip: str = "v5p"):
+    """(fn, args): fn(logits, draft_tokens[, temperature, seed, position]) compiled for `chip`."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_ops.verify_accept import verify_accept
+
+    B, bs, V = shape.batch, shape.block_size, shape.vocab
+    S = jax.ShapeDtypeStruct
+    args = [S((B, bs, V), jnp.dtype(shape.dtype)), S((B, bs - 1), jnp.int32)]
+    fn = functools.partial(verify_accept, interpret=False, chip=chip,
+                           block_sizes=block_sizes(shape, chip))
+    if shape.sampling:
+        args += [S((B,), jnp.float32), S((B,), jnp.int32), S((B,), jnp.int32)]
+
+        def sampled(logits, drafts, temperature, seed, position):
+            return fn(logits, drafts, temperature=temperature, seed=seed, position=position)
+
+        return sampled, tuple(args)
+    return fn, tuple(args)
+
+
+def hbm_bytes(shape) -> int:
+    """The one-read floor: B x bs x V x itemsize (+ draft_probs when the shape has them)."""
+    n = shape.batch * shape.block_size * shape.vocab
+    it = _itemsize(shape.dtype)
+    q = getattr(shape, "draft_probs", False)
+    return n * it + (shape.batch * (shape.block_size - 1) * shape.vocab * it if q else 0)
+
+
+def main_loop(shape, *, chip: str = "v5p"):
+    """One iteration = one sequence x one vocab tile (bs x vocab_tile logits)."""
+    from bench.static import MainLoop
+    from pallas_ops.chips import CHIPS
+    from pallas_ops.verify_accept import _chunk_unroll
+
+    bsz = block_sizes(shape, chip)
+    B, bs, V = shape.batch, shape.block_size, shape.vocab
+    tiles = -(-V // bsz.vocab_tile)
+    steps = (B // bsz.seqs_per_block) * tiles
+    nchunks = bsz.vocab_tile // 128
+    return MainLoop(
+        call_name=CALL_NAME,
+        bytes_per_iteration=bs * bsz.vocab_tile * _itemsize(shape.dtype),
+        iterations=B * tiles,
+        cores=min(CHIPS[chip].tensorcores, B // bsz.seqs_per_block),
+        outer_iterations=steps,
+        inner_trips=(nchunks // _chunk_unroll(nchunks),),
+    )
+
+
+def _inputs(shape, specs):
+    import jax
+    import jax.numpy as jnp
+
+    key = jax.random.key(0)
+    logits = jax.random.normal(key, specs[0].shape, specs[0].dtype) * 3
+    drafts = jnp.argmax(logits[:, :-1], -1).astype(jnp.int32)   # all accepted: worst case
+    out = [logits, drafts]
+    if shape.sampling:
+        B = shape.batch
+        out += [jnp.full((B,), 0.8, jnp.float32), jnp.arange(B, dtype=jnp.int32),
+                jnp.full((B,), 1000, jnp.int32)]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.verify_accept")
+    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
+    p.add_argument("--iters", type=int, default=50)
+    a = p.parse_args(argv)
+    from pallas_ops.chips import CHIPS, current_chip
+
+    chosen = [find(n) for n in a.shape] if a.shape else shapes()
+    chip = current_chip()
+    if chip is None:
+        v5p = CHIPS["v5p"].hbm_bytes_per_s
+        print("no TPU: not measured. One-read floor (B x bs x V x itemsize) and the v5p HBM time "
+              f"at {v5p / 1e12:.2f} TB/s; see `python -m bench static --kernel {KERNEL}` for the "
+              "static schedule estimate.")
+        print(f"{'shape':32s} {'MB':>9s} {'v5p floor us':>13s}")
+        for shape in chosen:
+            nbytes = hbm_bytes(shape)
+            print(f"{shape.name:32s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
+        return 0
+
+    import time
+
+    import jax
+
+    peak = CHIPS[chip].hbm_bytes_per_s
+    print(f"{'shape':32s} {'us':>9s} {'GB/s':>8s} {'% HBM roofline':>15s}")
+    for shape in chosen:
+        fn, specs = build(shape, chip=chip)
+        arrays = _inputs(shape, specs)
+        f = jax.jit(fn)
+        jax.block_until_ready(f(*arrays))
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            out = f(*arrays)
+        jax.block_until_ready(out)
+        dt = (time.perf_counter() - t0) / a.iters
+        bw = hbm_bytes(shape) / dt
+        print(f"{shape.name:32s} {dt * 1e6:9.1f} {bw / 1e9:8.0f} {100 * bw / peak:14.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
