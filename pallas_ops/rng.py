@@ -92,13 +92,6 @@ def bits_premul(key, index_times_mul):
     return fmix32(key ^ index_times_mul)
 
 
-def gumbel_base2(b):
-    """-log2(-log2(u)) = (gumbel(b) + ln(ln 2)) / ln 2: the Gumbel noise in base-2 units, shifted
-    by a constant. argmax(x * log2(e) / T + gumbel_base2(b)) == argmax(x / T + gumbel(b)) up to
-    rounding; it saves the two multiplications by ln 2 inside a kernel."""
-    return -jnp.log2(-jnp.log2(uniform(b)))
-
-
 def gumbel_noise(seed, position, index, stream: int = STREAM_GUMBEL):
     """Convenience: gumbel(bits(row_key(seed, position, stream), index))."""
     return gumbel(bits(row_key(seed, position, stream), index))
