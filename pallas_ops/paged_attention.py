@@ -19,8 +19,8 @@ chunks. Layout of the work:
 - V columns that hold no real data in a tail block (pages not DMA'd, rows past kv_len in the last
   page) are zeroed in VMEM before use, so stale or NaN VMEM cannot reach the output.
 
-`write_kv_pages` is a second kernel: one DMA per new token ([Hkv, D] into its page row, strided),
-in place on the aliased page arrays.
+`write_kv_pages` (in `paged_attention_write`, re-exported here) is a second kernel: page-wise
+read-modify-write of the pages that receive new tokens, in place on the aliased page arrays.
 """
 from __future__ import annotations
 
@@ -43,9 +43,8 @@ from pallas_ops.paged_attention_block_sizes import (
 from pallas_ops.paged_attention_validation import (
     check_paged_attention_inputs,
     check_static_attention,
-    check_static_write,
 )
-from pallas_ops.paged_attention_xla import row_sequence_info
+from pallas_ops.paged_attention_write import write_kv_pages
 
 __all__ = [
     "paged_attention",
@@ -424,118 +423,3 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     )(*prefetch, qp, k_pages, v_pages)
     out = out.reshape(hkv, t_pad, g, d).transpose(1, 0, 2, 3).reshape(t_pad, hq, d)
     return out[:t]
-
-
-# ------------------------------------------------------------------------------------------------
-# write_kv_pages
-# ------------------------------------------------------------------------------------------------
-
-_WRITE_WINDOW = 16  # DMAs in flight per stream before the oldest is waited for
-
-
-def _write_kernel(
-    # Prefetch (SMEM)
-    num_rows_ref,         # [1] int32: rows to write (cu_q_lens[num_seqs])
-    dst_page_ref,         # [T] int32: page of each new row
-    dst_row_ref,          # [T] int32: row inside that page
-    # Inputs
-    k_new_hbm,            # [T, Hkv, D] HBM
-    v_new_hbm,            # [T, Hkv, D] HBM
-    k_pages_in,           # [Hkv, P, page_size, D] HBM (aliased to k_pages_out)
-    v_pages_in,           # [Hkv, P, page_size, D] HBM (aliased to v_pages_out)
-    # Outputs
-    k_pages_out,          # [Hkv, P, page_size, D] HBM
-    v_pages_out,          # [Hkv, P, page_size, D] HBM
-    # Scratch
-    sems,                 # DMA semaphores [2 (K, V)]
-):
-    del k_pages_in, v_pages_in
-    n = num_rows_ref[0]
-
-    def copies(t):
-        page, row = dst_page_ref[t], dst_row_ref[t]
-        ck = pltpu.make_async_copy(k_new_hbm.at[t], k_pages_out.at[:, page, row], sems.at[0])
-        cv = pltpu.make_async_copy(v_new_hbm.at[t], v_pages_out.at[:, page, row], sems.at[1])
-        return ck, cv
-
-    def body(t, carry):
-        ck, cv = copies(t)
-        ck.start()
-        cv.start()
-
-        @pl.when(t >= _WRITE_WINDOW)
-        def _():
-            # Every row DMA has the same size, so any row's descriptor waits for one of them.
-            ok, ov = copies(t - _WRITE_WINDOW)
-            ok.wait()
-            ov.wait()
-
-        return carry
-
-    lax.fori_loop(0, n, body, 0)
-
-    def drain(t, carry):
-        ck, cv = copies(t)
-        ck.wait()
-        cv.wait()
-        return carry
-
-    lax.fori_loop(jnp.maximum(n - _WRITE_WINDOW, 0), n, drain, 0)
-
-
-def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                   validate=False, interpret=None):
-    """Writes the new tokens' keys/values into their pages, in place.
-
-    Args:
-      k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32: the caches (aliased to the outputs;
-        donate them under jit to update in place).
-      k_new, v_new: [T, Hkv, D], same dtype as the pages.
-      kv_lens, page_indices, cu_q_lens, num_seqs: as in `paged_attention` (kv_lens already counts
-        the new tokens).
-      validate: check the dynamic facts on the host first (needs concrete arrays).
-    Token i of sequence s is written at position kv_lens[s] - q_len_s + i, i.e. into page
-    page_indices[s, pos // page_size], row pos % page_size. Rows past cu_q_lens[num_seqs] are not
-    written; nothing else in the pages changes.
-    Returns: (k_pages, v_pages), updated.
-    """
-    if isinstance(num_seqs, int):
-        num_seqs = jnp.int32(num_seqs)
-    check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs)
-    if validate:
-        check_paged_attention_inputs(k_new, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    return _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                           num_seqs, interpret=resolve_interpret(interpret))
-
-
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                    interpret):
-    t = k_new.shape[0]
-    page_size, pps = k_pages.shape[2], page_indices.shape[1]
-    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, t)
-    slot = jnp.clip(pos // page_size, 0, pps - 1)
-    dst_page = jnp.where(valid, page_indices[seq, slot], 0).astype(jnp.int32)
-    dst_row = jnp.where(valid, pos % page_size, 0).astype(jnp.int32)
-    n = jnp.reshape(num_seqs, (-1,))[0]
-    num_rows = jnp.reshape(jnp.minimum(cu_q_lens[n], t), (1,)).astype(jnp.int32)
-    item = jnp.dtype(k_pages.dtype).itemsize
-    any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    return pl.pallas_call(
-        _write_kernel,
-        out_shape=(jax.ShapeDtypeStruct(k_pages.shape, k_pages.dtype),
-                   jax.ShapeDtypeStruct(v_pages.shape, v_pages.dtype)),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(1,),
-            in_specs=[any_spec] * 4,
-            out_specs=(any_spec, any_spec),
-            scratch_shapes=[pltpu.SemaphoreType.DMA((2,))],
-        ),
-        input_output_aliases={5: 0, 6: 1},
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("arbitrary",)),
-        cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
-                                      bytes_accessed=4 * k_new.size * item),
-        name="dflash_write_kv_pages",
-        interpret=interpret,
-    )(num_rows, dst_page, dst_row, k_new, v_new, k_pages, v_pages)
