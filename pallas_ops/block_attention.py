@@ -7,7 +7,7 @@ mask, to context keys 0..ctx_lens[b]-1 of the static cache and to all bs keys of
 With `sliding_window=W`, context key j is visible to block query i only if j > ctx_lens[b] + i - W;
 the block keys always stay visible. See `reference.block_attention` for the float64 reference.
 
-Kernel design (one `pl.pallas_call`, grid (B, Hkv / heads_per_step), both axes parallel):
+Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step, B), both axes parallel):
 - ctx_lens is scalar-prefetched. The caches stay in HBM (`pl.ANY`); context tiles of ctx_tile rows
   (all KV heads of the step at once) are streamed by manual double-buffered DMA in a loop whose
   trip count is ceil(ctx_len / ctx_tile) (minus the tiles left of a sliding window), so the cost
@@ -15,12 +15,13 @@ Kernel design (one `pl.pallas_call`, grid (B, Hkv / heads_per_step), both axes p
 - All G = Hq/Hkv q heads of a KV head are packed into one matmul's rows: q is laid out as
   [B, Hkv, bs*G (padded to the sublane tile), D] by the wrapper, so a tile costs one
   [rows, D] x [D, ctx_tile] matmul and one [rows, ctx_tile] x [ctx_tile, D] matmul per KV head.
-- Online softmax in f32. The block's own K/V (a small VMEM input) are folded in first, which
+- Online softmax in f32, in base 2 (q pre-scaled by sm_scale * log2 e). The block's own K/V (a small VMEM input) are folded in first, which
   gives every row a finite running max before any context tile, then the context tiles; the block
   K/V are never concatenated onto the cache in HBM.
 - Only the tile straddling ctx_len and sliding-window tiles run the masked path; interior tiles do
-  no masking. When S_max is not a multiple of ctx_tile, the last tile's DMA moves only the rows
-  that exist (static size S_max % ctx_tile); DMA offsets stay tile-aligned.
+  no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
+  below ctx_len (so at most DMA_CHUNK - 1 rows past ctx_len are ever read, never past S_max);
+  DMA offsets stay aligned to the (8|16, 128) HBM tiling.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ __all__ = ["block_attention", "append_context", "BlockAttentionBlockSizes",
            "check_block_attention_inputs", "vmem_estimate"]
 
 
+DMA_CHUNK = 128   # granularity of the DMAs of the tile straddling ctx_len (rows)
+
+
 def _sublane(dtype) -> int:
     return 8 * (4 // jnp.dtype(dtype).itemsize)
 
@@ -63,13 +67,13 @@ def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool):
     else:
         m_prev = m_ref[h][:, 0:1]                                           # [R, 1]
         m_new = jnp.maximum(m_prev, m_cur)
-    p = jnp.exp(s - m_new)                                                  # [R, T]
+    p = jnp.exp2(s - m_new)                                                 # [R, T]
     l_cur = jnp.sum(p, axis=1, keepdims=True)
     pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [R, D]
     if first:
         l_new, acc_new = l_cur, pv
     else:
-        alpha = jnp.exp(m_prev - m_new)
+        alpha = jnp.exp2(m_prev - m_new)
         l_new = alpha * l_ref[h][:, 0:1] + l_cur
         acc_new = alpha * acc_ref[h] + pv
     m_ref[h] = jnp.broadcast_to(m_new, m_ref.shape[1:])
@@ -77,17 +81,17 @@ def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool):
     acc_ref[h] = acc_new
 
 
-def _scores(q, k, scale):
-    """q [R, D] . k [T, D]^T -> [R, T] f32, scaled."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return s * scale
+def _scores(q, k):
+    """q [R, D] . k [T, D]^T -> [R, T] f32 (q is pre-scaled: scores are in log2 units)."""
+    return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
 
 
 def _block_attention_kernel(
     # Prefetch
     ctx_lens_ref,   # [B] int32 (SMEM)
     # Inputs
-    q_ref,          # [hb, R, D]        q rows (row r = block position r // G, head r % G)
+    q_ref,          # [hb, R, D]        q * sm_scale * log2(e); row r = (position r // G, head r % G)
     kb_ref,         # [hb, BSP, D]      block keys, zero-padded to BSP rows
     vb_ref,         # [hb, BSP, D]      block values, zero-padded
     kc_hbm,         # [B, Hkv, S_max, D] context keys (HBM)
@@ -101,36 +105,44 @@ def _block_attention_kernel(
     m_ref,          # [hb, R, 128] f32  running max (lane-replicated)
     l_ref,          # [hb, R, 128] f32  running denominator (lane-replicated)
     acc_ref,        # [hb, R, D] f32    running numerator
-    *, scale, bs, groups, tile, s_max, window,
+    *, bs, groups, tile, s_max, window,
 ):
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
-    b = pl.program_id(0)
-    h0 = pl.program_id(1) * hb
+    h0 = pl.program_id(0) * hb
+    b = pl.program_id(1)
     ctx = ctx_lens_ref[b]
 
-    full_tiles, rem = divmod(s_max, tile)   # static: a last partial tile of rem rows if rem
+    n_chunks = tile // DMA_CHUNK
+    full_chunks, rem = divmod(s_max, DMA_CHUNK)   # static: the cache ends in a short chunk if rem
 
-    def copy_pair(t, slot, rows):
-        src = pl.ds(pl.multiple_of(t * tile, tile), rows)
-        return (
-            pltpu.make_async_copy(kc_hbm.at[b, pl.ds(h0, hb), src, :],
-                                  kbuf.at[slot, :, pl.ds(0, rows), :], sems.at[0, slot]),
-            pltpu.make_async_copy(vc_hbm.at[b, pl.ds(h0, hb), src, :],
-                                  vbuf.at[slot, :, pl.ds(0, rows), :], sems.at[1, slot]),
-        )
+    def copy_pair(t, slot, chunk, rows, op):
+        """K and V rows [t*tile + chunk*DMA_CHUNK, + rows) of the step's heads <-> buffer slot."""
+        src = pl.ds(pl.multiple_of(t * tile + chunk * DMA_CHUNK, DMA_CHUNK), rows)
+        dst = pl.ds(chunk * DMA_CHUNK, rows)
+        for x, (hbm, buf) in enumerate(((kc_hbm, kbuf), (vc_hbm, vbuf))):
+            cp = pltpu.make_async_copy(hbm.at[b, pl.ds(h0, hb), src, :],
+                                       buf.at[slot, :, dst, :], sems.at[x, slot])
+            getattr(cp, op)()
 
     def dma(t, slot, op):
-        """Start or wait the DMAs of context tile t: ctx_tile rows, or rem rows at the end."""
-        def run(rows):
-            for c in copy_pair(t, slot, rows):
-                getattr(c, op)()
-        if rem == 0:
-            run(tile)
-        else:
-            if full_tiles:
-                pl.when(t < full_tiles)(lambda: run(tile))
-            pl.when(t == full_tiles)(lambda: run(rem))
+        """Start or wait the DMAs of context tile t. A tile wholly below ctx_len moves in one
+        DMA per K/V; the tile straddling ctx_len moves only its DMA_CHUNK-row chunks that hold
+        rows below ctx_len (the last one short if the cache ends inside it)."""
+        whole = (t + 1) * tile <= ctx
+        pl.when(whole)(lambda: copy_pair(t, slot, 0, tile, op))
+
+        @pl.when(jnp.logical_not(whole))
+        def _():
+            for c in range(n_chunks):
+                g = t * n_chunks + c                  # global chunk index
+                need = g * DMA_CHUNK < ctx
+                if full_chunks:
+                    pl.when(need & (g < full_chunks))(
+                        functools.partial(copy_pair, t, slot, c, DMA_CHUNK, op))
+                if rem:
+                    pl.when(need & (g == full_chunks))(
+                        functools.partial(copy_pair, t, slot, c, rem, op))
 
     t_end = jax.lax.div(ctx + tile - 1, tile)   # ctx >= 0: truncation = floor
     if window is None:
@@ -145,7 +157,7 @@ def _block_attention_kernel(
 
     # The block's own keys first: every row gets a finite max before the context tiles.
     for h in range(hb):
-        s = _scores(q_ref[h], kb_ref[h], scale)                            # [R, BSP]
+        s = _scores(q_ref[h], kb_ref[h])                            # [R, BSP]
         if BSP > bs:
             col = jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
             s = jnp.where(col < bs, s, -jnp.inf)
@@ -155,7 +167,7 @@ def _block_attention_kernel(
         for h in range(hb):
             k = kbuf[slot, h]                                               # [T, D]
             v = vbuf[slot, h]                                               # [T, D]
-            s = _scores(q_ref[h], k, scale)                                 # [R, T]
+            s = _scores(q_ref[h], k)                                 # [R, T]
             if masked:
                 # Keys at or past ctx_len (and buffer rows past a short last tile) hold
                 # anything, NaN included: mask their scores and zero their values.
@@ -267,8 +279,11 @@ def _block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, 
     hb = block_sizes.heads_per_step(Hkv)
     tile = block_sizes.ctx_tile
 
-    # q rows grouped by KV head: [B, Hkv, bs*G (+pad), D], row r = (block position r // G, head r % G).
-    qr = q.reshape(B, bs, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, bs * G, D)
+    # q rows grouped by KV head: [B, Hkv, bs*G (+pad), D], row r = (block position r // G, head
+    # r % G). The softmax runs in base 2 (exp2 saves a multiply per score): q is scaled by
+    # sm_scale * log2(e) here, in f32, fused by XLA into the layout change it needs anyway.
+    qs = (q.astype(jnp.float32) * (scale * math.log2(math.e))).astype(dtype)
+    qr = qs.reshape(B, bs, Hkv, G, D).transpose(0, 2, 1, 3, 4).reshape(B, Hkv, bs * G, D)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - bs * G), (0, 0)))
     kb = jnp.pad(k_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
     vb = jnp.pad(v_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
@@ -289,15 +304,15 @@ def _block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, 
         bytes_accessed=int(2 * B * Hkv * S_max * D * it + 2 * B * Hq * bs * D * it
                            + 2 * B * Hkv * bs * D * it),
     )
-    kernel = functools.partial(_block_attention_kernel, scale=scale, bs=bs, groups=G, tile=tile,
+    kernel = functools.partial(_block_attention_kernel, bs=bs, groups=G, tile=tile,
                                s_max=S_max, window=window)
-    blk = lambda rows: pl.BlockSpec((None, hb, rows, D), lambda b, g, cl: (b, g, 0, 0))  # noqa
+    blk = lambda rows: pl.BlockSpec((None, hb, rows, D), lambda g, b, cl: (b, g, 0, 0))  # noqa
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, Hkv, R, D), dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
-            grid=(B, Hkv // hb),
+            grid=(Hkv // hb, B),   # head groups first: megacore splits them at B=1
             in_specs=[
                 blk(R),                                   # q rows
                 blk(BSP),                                 # k_block

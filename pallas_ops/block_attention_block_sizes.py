@@ -17,7 +17,7 @@ from pallas_ops.chips import current_chip
 
 @dataclasses.dataclass(frozen=True)
 class BlockAttentionBlockSizes:
-    ctx_tile: int = 512
+    ctx_tile: int = 1024
     kv_heads_per_step: int = 8
 
     def __post_init__(self):
@@ -35,15 +35,19 @@ class BlockAttentionBlockSizes:
         return hb
 
 
-# One entry per generation. v5p: two TensorCores per device, so 4 KV heads per step keeps both
-# busy at batch 1 (8 KV heads -> 2 parallel steps). v5e/v6e: one TensorCore; all 8 heads per step
-# halves the number of grid steps and doubles each DMA.
+# One entry per generation, from `python -m bench static --kernel block_attention` (libtpu 0.10.2)
+# at the drafter shapes (Hq=32, Hkv=8, D=128, bf16, bs 16 and 10). Per-tile issue cost has a
+# fixed part per KV head (online-softmax bookkeeping, MXU latency), so longer tiles amortise it:
+# v5p, 4 heads x 1024 rows: ~1790 bundles per tile vs 2659 HBM cycles for its K+V (bs=16, B=1);
+# 512-row tiles were at 0.94x of HBM time, 256-row tiles issue-bound (1.4x). v5p has two
+# TensorCores per device, so 4 KV heads per step gives two parallel head groups even at batch 1.
+# v5e/v6e: one TensorCore; 8 heads per step halves the grid steps.
 TABLE: dict[str, BlockAttentionBlockSizes] = {
-    "v5e": BlockAttentionBlockSizes(ctx_tile=512, kv_heads_per_step=8),
-    "v5p": BlockAttentionBlockSizes(ctx_tile=512, kv_heads_per_step=4),
-    "v6e": BlockAttentionBlockSizes(ctx_tile=512, kv_heads_per_step=8),
+    "v5e": BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=8),
+    "v5p": BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=4),
+    "v6e": BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=8),
 }
-FALLBACK = BlockAttentionBlockSizes(ctx_tile=512, kv_heads_per_step=4)
+FALLBACK = BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=4)
 
 
 def get_block_sizes(chip: str | None = None) -> BlockAttentionBlockSizes:

@@ -1,0 +1,149 @@
+"""Benchmark protocol of `pallas_ops.block_attention` (the DFlash draft's attention).
+
+Catalogue shapes: `bench.shapes.BLOCK_ATTENTION` (Qwen3-8B drafter bs=16 and Llama-3.1 drafter
+bs=10, Hq=32, Hkv=8, D=128, bf16, B in {1, 32}, ctx 512..32k in a cache of max(8192, ctx) rows).
+
+- `build(shape, *, chip)`: the compiled-mode call with the chip's block sizes.
+- `hbm_bytes(shape)`: the bytes that must move for the context actually used (ctx_len, not S_max):
+  every valid context key and value once, the block's q/k/v in and the output out.
+- `main_loop(shape, *, chip)`: for `python -m bench static` (one iteration = one context tile of
+  ctx_tile rows for the KV heads of a grid step).
+- `main()`: wall clock on a TPU (time and % of the HBM roofline); off TPU the bytes and the v5p
+  floor at 2.76 TB/s, marked not measured.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from bench import shapes as shapes_mod
+
+KERNEL = "block_attention"
+CALL_NAME = "dflash_block_attention"
+
+
+def shapes() -> list:
+    return list(shapes_mod.BLOCK_ATTENTION)
+
+
+def find(name: str):
+    return shapes_mod.find(KERNEL, name)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bfloat16": 2, "float32": 4}[dtype]
+
+
+def block_sizes(chip: str):
+    """The chip's table entry; env PALLAS_DFLASH_BA_BLOCKS="ctx_tile,kv_heads_per_step" overrides
+    it (for block-size sweeps with `python -m bench static`)."""
+    import os
+
+    from pallas_ops.block_attention_block_sizes import BlockAttentionBlockSizes, get_block_sizes
+
+    override = os.environ.get("PALLAS_DFLASH_BA_BLOCKS")
+    if override:
+        tile, hb = (int(x) for x in override.split(","))
+        return BlockAttentionBlockSizes(ctx_tile=tile, kv_heads_per_step=hb)
+    return get_block_sizes(chip)
+
+
+def build(shape, *, chip: str = "v5p"):
+    """(fn, args): fn(q, k_block, v_block, k_cache, v_cache, ctx_lens) compiled for `chip`."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_ops.block_attention import block_attention
+
+    dt = jnp.dtype(shape.dtype)
+    B, bs, Hq, Hkv, D = (shape.batch, shape.block_size, shape.num_q_heads, shape.num_kv_heads,
+                         shape.head_dim)
+    S = jax.ShapeDtypeStruct
+    args = (S((B, bs, Hq, D), dt), S((B, bs, Hkv, D), dt), S((B, bs, Hkv, D), dt),
+            S((B, Hkv, shape.max_ctx, D), dt), S((B, Hkv, shape.max_ctx, D), dt),
+            S((B,), jnp.int32))
+    fn = functools.partial(block_attention, interpret=False, chip=chip,
+                           block_sizes=block_sizes(chip))
+    return fn, args
+
+
+def hbm_bytes(shape) -> int:
+    """Bytes that must move for ctx_len context rows (not S_max): K/V context, q/k/v block, out."""
+    it = _itemsize(shape.dtype)
+    B, bs, Hq, Hkv, D = (shape.batch, shape.block_size, shape.num_q_heads, shape.num_kv_heads,
+                         shape.head_dim)
+    ctx_kv = 2 * B * Hkv * shape.ctx_len * D * it
+    block = 2 * B * bs * Hq * D * it + 2 * B * bs * Hkv * D * it   # q in + out; k/v block in
+    return ctx_kv + block
+
+
+def main_loop(shape, *, chip: str = "v5p"):
+    """The context-tile loop: one iteration DMAs ctx_tile rows of K and V for the step's heads."""
+    from bench.static import MainLoop
+    from pallas_ops.chips import CHIPS
+
+    bsz = block_sizes(chip)
+    hb = bsz.heads_per_step(shape.num_kv_heads)
+    tiles = -(-shape.ctx_len // bsz.ctx_tile)
+    steps = shape.batch * (shape.num_kv_heads // hb)
+    return MainLoop(
+        call_name=CALL_NAME,
+        bytes_per_iteration=2 * hb * bsz.ctx_tile * shape.head_dim * _itemsize(shape.dtype),
+        iterations=steps * tiles,
+        cores=CHIPS[chip].tensorcores,
+        outer_iterations=steps,
+        # Forward branches of the tile loop, in schedule order (libtpu 0.10.2, checked with
+        # `--loops`): the chunked DMA starts of a straddling next tile (and one nested in it),
+        # the unmasked body, the masked body. An interior tile skips the chunked starts, runs
+        # the unmasked body and skips the masked one.
+        taken_branches=(True, True, False, True),
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.block_attention")
+    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args(argv)
+    from pallas_ops.chips import CHIPS, current_chip
+
+    chosen = [find(n) for n in a.shape] if a.shape else shapes()
+    chip = current_chip()
+    if chip is None:
+        v5p = CHIPS["v5p"].hbm_bytes_per_s
+        print("no TPU: not measured. Bytes that must move and the v5p HBM floor "
+              f"({v5p / 1e12:.2f} TB/s); see `python -m bench static --kernel {KERNEL}` for the "
+              "static schedule estimate.")
+        print(f"{'shape':44s} {'MB':>9s} {'v5p floor us':>13s}")
+        for shape in chosen:
+            nbytes = hbm_bytes(shape)
+            print(f"{shape.name:44s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
+        return 0
+
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    peak = CHIPS[chip].hbm_bytes_per_s
+    print(f"{'shape':44s} {'us':>9s} {'GB/s':>8s} {'% HBM roofline':>15s}")
+    for shape in chosen:
+        fn, specs = build(shape, chip=chip)
+        key = jax.random.key(0)
+        arrays = [jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+                  for i, s in enumerate(specs[:5])]
+        ctx = jnp.full(specs[5].shape, shape.ctx_len, jnp.int32)
+        f = jax.jit(fn)
+        f(*arrays, ctx).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            out = f(*arrays, ctx)
+        out.block_until_ready()
+        dt = (time.perf_counter() - t0) / a.iters
+        bw = hbm_bytes(shape) / dt
+        print(f"{shape.name:44s} {dt * 1e6:9.1f} {bw / 1e9:8.0f} {100 * bw / peak:14.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
