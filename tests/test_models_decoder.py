@@ -43,6 +43,25 @@ def ar(prompts, max_new, **kw):
                                    max_seq_len=MAX_TOTAL, backend="xla", poison=True, **kw)
 
 
+@nnx.jit
+def _dense_features(target, draft, tokens):
+    """Dense target forward of tokens [1, CACHE_LEN] -> (next-token argmax [CACHE_LEN], per draft
+    layer (k, v) of the context projections [CACHE_LEN, Hkv, D])."""
+    h, feats = target.dense_forward(tokens, feature_layers=draft.config.target_layer_ids)
+    ctx = draft.context(feats)
+    pos = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
+    kvs = [tuple(x[0] for x in draft.context_kv(i, ctx, pos))
+           for i in range(draft.config.num_layers)]
+    return jnp.argmax(target.logits(h[0]), -1), kvs
+
+
+def dense_reference(tokens):
+    """Causal, so padding at the end changes nothing before it: pad to one compiled shape."""
+    assert len(tokens) <= CACHE_LEN
+    padded = jnp.asarray([list(tokens) + [0] * (CACHE_LEN - len(tokens))], jnp.int32)
+    return _dense_features(TARGET, DRAFT, padded)
+
+
 def make_prompts(rng, lengths):
     return [[int(t) for t in rng.integers(0, TCFG.vocab_size - 1, n)] for n in lengths]
 
@@ -122,8 +141,6 @@ def test_draft_state_follows_accepted_tokens():
     assert got.tokens == want.tokens
     taus = {t for seq in got.acceptance_lengths for t in seq}
     assert len(taus) >= 3 and bs in taus, taus        # really a mix, including full blocks
-    inv = TARGET.inv_freq()
-    del inv
     for slot, (p, toks, seq_taus) in enumerate(zip(prompts, got.tokens, got.acceptance_lengths)):
         length = int(dec.slot_len[slot])
         assert length == len(p) + sum(seq_taus)       # moved by exactly a+1 per step
@@ -132,17 +149,13 @@ def test_draft_state_follows_accepted_tokens():
         full = p + toks
         assert committed[:min(length, len(full))] == full[:length]
         # from scratch: target features of the committed tokens, then the draft's K/V
-        _, feats = TARGET.dense_forward(jnp.asarray([committed], jnp.int32),
-                                        feature_layers=DRAFT.config.target_layer_ids)
-        ctx = DRAFT.context(feats)
-        pos = jnp.arange(length, dtype=jnp.int32)[None]
-        for layer in range(DRAFT.config.num_layers):
-            k_ref, v_ref = DRAFT.context_kv(layer, ctx, pos)          # [1, L, Hkv, D]
+        _, kvs = dense_reference(committed)
+        for layer, (k_ref, v_ref) in enumerate(kvs):                 # [CACHE_LEN, Hkv, D]
             k_c, v_c = dec.draft_cache[layer]                        # [B, Hkv, S, D]
             k_got = np.asarray(k_c[slot, :, :length]).transpose(1, 0, 2)
             v_got = np.asarray(v_c[slot, :, :length]).transpose(1, 0, 2)
-            np.testing.assert_allclose(k_got, np.asarray(k_ref[0]), rtol=2e-4, atol=2e-4)
-            np.testing.assert_allclose(v_got, np.asarray(v_ref[0]), rtol=2e-4, atol=2e-4)
+            np.testing.assert_allclose(k_got, np.asarray(k_ref[:length]), rtol=2e-4, atol=2e-4)
+            np.testing.assert_allclose(v_got, np.asarray(v_ref[:length]), rtol=2e-4, atol=2e-4)
             # nothing was written past the committed length (poisoned cache: still NaN)
             assert np.isnan(np.asarray(k_c[slot, :, length:])).all()
             assert np.isnan(np.asarray(v_c[slot, :, length:])).all()
@@ -199,10 +212,8 @@ def test_paged_target_forward_matches_dense():
     prompts = make_prompts(rng, [6, 19])
     out = ar(prompts, 6)
     for p, toks in zip(prompts, out.tokens):
-        seq = jnp.asarray([p + toks], jnp.int32)
-        h, _ = TARGET.dense_forward(seq)
-        dense_next = np.asarray(jnp.argmax(TARGET.logits(h[0]), -1))
-        assert list(dense_next[len(p) - 1:-1]) == toks
+        dense_next, _ = dense_reference(p + toks)
+        assert list(np.asarray(dense_next)[len(p) - 1:len(p) + len(toks) - 1]) == toks
 
 
 def test_draft_cached_forward_matches_dense():
@@ -217,19 +228,23 @@ def test_draft_cached_forward_matches_dense():
     feats = jnp.asarray(rng.standard_normal((b, c, 2 * TCFG.hidden_size)), jnp.float32)
     blk = jnp.asarray(rng.standard_normal((b, bs, TCFG.hidden_size)), jnp.float32)
     cfg = DRAFT.config
-    caches = make_context_cache(cfg.num_layers, b, cfg.num_kv_heads, 48, cfg.head_dim,
-                                jnp.float32, float("nan"))
-    # append in two uneven pieces, as the decoder would after prefill and one step
     n1 = jnp.asarray([7, 13, 21], jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
-    caches = DRAFT.append_context(feats, pos, caches, jnp.zeros(b, jnp.int32), n1, ops=ops)
-    idx = np.minimum(np.asarray(n1)[:, None] + np.arange(c), c - 1)
-    rest = jnp.take_along_axis(feats, jnp.asarray(idx)[..., None], axis=1)
-    caches = DRAFT.append_context(rest, jnp.asarray(n1)[:, None] + pos, caches, n1,
-                                  c - n1, ops=ops)
-    bpos = c + jnp.broadcast_to(jnp.arange(bs, dtype=jnp.int32), (b, bs))
-    got = DRAFT(blk, bpos, caches, jnp.full(b, c, jnp.int32), ops=ops)
-    want = DRAFT.dense_forward(feats, blk, c)
+
+    @nnx.jit
+    def both(draft, feats, blk):
+        caches = make_context_cache(cfg.num_layers, b, cfg.num_kv_heads, 48, cfg.head_dim,
+                                    jnp.float32, float("nan"))
+        # append in two uneven pieces, as the decoder would after prefill and one step
+        pos = jnp.broadcast_to(jnp.arange(c, dtype=jnp.int32), (b, c))
+        caches = draft.append_context(feats, pos, caches, jnp.zeros(b, jnp.int32), n1, ops=ops)
+        idx = jnp.minimum(n1[:, None] + jnp.arange(c), c - 1)
+        rest = jnp.take_along_axis(feats, idx[..., None], axis=1)
+        caches = draft.append_context(rest, n1[:, None] + pos, caches, n1, c - n1, ops=ops)
+        bpos = c + jnp.broadcast_to(jnp.arange(bs, dtype=jnp.int32), (b, bs))
+        got = draft(blk, bpos, caches, jnp.full(b, c, jnp.int32), ops=ops)
+        return got, draft.dense_forward(feats, blk, c)
+
+    got, want = both(DRAFT, feats, blk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
 
 
