@@ -145,11 +145,18 @@ def _attention_kernel(
     group: int,
     page_size: int,
     pages_per_seq: int,
+    head_groups: int,
     bs: ResolvedBlockSizes,
 ):
     hb, q_rows, head_dim = q_ref.shape
     ppb, kv_tokens = bs.pages_per_block, bs.kv_tokens
-    hg, qb = pl.program_id(0), pl.program_id(1)
+    # One flat "parallel" grid axis over (head group, q block): megacore halves it, so both
+    # TensorCores get work whether there are several head groups or several q blocks.
+    # (lax.div/rem, not // and %: floor division lowers through `sign`, which needs a TPU at
+    # trace time; all operands are non-negative, so truncation is the same.)
+    num_q_blocks = lax.div(pl.num_programs(0), jnp.int32(head_groups))
+    hg = lax.div(pl.program_id(0), num_q_blocks)
+    qb = lax.rem(pl.program_id(0), num_q_blocks)
     h0 = hg * hb
     cdt = k_buf.dtype
 
@@ -237,8 +244,6 @@ def _attention_kernel(
         q_lo, q_hi = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
         off = kv_lens_ref[seq] - q_hi                     # query position = off + token
         base = first * page_size                          # key position of column 0
-        # (lax.div, not //: floor division of vectors lowers through `sign`, which needs a TPU at
-        # trace time; the operands are non-negative so truncation is the same)
         row_tok = qb * bs.q_tokens + lax.div(lax.broadcasted_iota(jnp.int32, (q_rows, 1), 0),
                                              jnp.int32(group))
         row_ok = (row_tok >= q_lo) & (row_tok < q_hi)     # [q_rows, 1]
@@ -254,18 +259,19 @@ def _attention_kernel(
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             s = jnp.where(mask, s, NEG_INF)
-            m_prev = m_ref[h][:, :1]
-            l_prev = l_ref[h][:, :1]
+            # Running stats stay lane-replicated [q_rows, 128]: widening them to the key or head
+            # dim is then a free vreg repeat instead of a lane broadcast.
+            m_prev, l_prev = m_ref[h], l_ref[h]                        # [q_rows, 128]
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
-            p = jnp.exp(s - m_safe)
+            p = jnp.exp(s - _lanes(m_safe, kv_tokens))
             alpha = jnp.exp(m_prev - m_safe)
             l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
             pv = lax.dot_general(p.astype(cdt), v_buf[buf_slot, h], (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)  # [q_rows, D]
-            acc_ref[h] = alpha * acc_ref[h] + pv
-            m_ref[h] = jnp.broadcast_to(m_new, (q_rows, 128))
-            l_ref[h] = jnp.broadcast_to(l_new, (q_rows, 128))
+            acc_ref[h] = _lanes(alpha, head_dim) * acc_ref[h] + pv
+            m_ref[h] = m_new
+            l_ref[h] = l_new
 
     @pl.when(n_steps > 0)
     def _():
@@ -289,7 +295,7 @@ def _attention_kernel(
     lax.fori_loop(0, n_steps, step, (w_first, jnp.int32(0), jnp.int32(0)))
 
     for h in range(hb):
-        l = l_ref[h][:, :1]
+        l = _lanes(l_ref[h], head_dim)
         out = acc_ref[h] / jnp.where(l > 0.0, l, 1.0)
         o_ref[h] = out.astype(o_ref.dtype)
 
@@ -302,6 +308,15 @@ def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dt
     scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
     temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
     return tiles + kv + scratch + temps
+
+
+def _lanes(x, n):
+    """[rows, 128] lane-replicated -> [rows, n] with the same value in every lane."""
+    if n % 128 == 0:
+        return x if n == 128 else jnp.concatenate([x] * (n // 128), axis=1)
+    if n < 128:
+        return x[:, :n]
+    return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
 
 def _vmem_limit(estimate: int, chip: str | None) -> int:
@@ -381,8 +396,9 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     hb, rows = bs.kv_heads, bs.q_rows
     kernel = functools.partial(
         _attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        group=g, page_size=page_size, pages_per_seq=pps, bs=bs)
-    tile = pl.BlockSpec((hb, rows, d), lambda hg, qb, *_: (hg, qb, 0))
+        group=g, page_size=page_size, pages_per_seq=pps, head_groups=hkv // hb, bs=bs)
+    tile = pl.BlockSpec((hb, rows, d),
+                        lambda i, *_: (lax.div(i, jnp.int32(nqb)), lax.rem(i, jnp.int32(nqb)), 0))
     estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
                                    q_dtype=q.dtype, kv_dtype=k_pages.dtype)
     kv_item = jnp.dtype(k_pages.dtype).itemsize
@@ -397,7 +413,7 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
         out_shape=jax.ShapeDtypeStruct((hkv, t_pad * g, d), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(hkv // hb, nqb),
+            grid=(hkv // hb * nqb,),
             in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=tile,
             scratch_shapes=[
@@ -411,7 +427,7 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
             ],
         ),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"),
+            dimension_semantics=("parallel",),
             vmem_limit_bytes=_vmem_limit(estimate, chip),
             # Every DMA address is in bounds by construction (page indices and buffer offsets are
             # clamped), so the compiler's per-DMA runtime checks (~14 serial scalar bundles each)

@@ -4,9 +4,9 @@ Three knobs:
 - `kv_tokens`: keys per compute block (a multiple of the page size; the block's pages are DMA'd
   together, one DMA per page covering all KV heads of the block). Large blocks amortise the
   per-block work (DMA issue, waits, softmax bookkeeping) over many HBM bytes.
-- `kv_heads`: KV heads handled by one grid step (divides Hkv). On megacore chips (v5p: two
-  TensorCores behind one device) half the heads per step gives the parallel grid axis two
-  entries even for one q block, so both cores stream KV.
+- `kv_heads`: KV heads handled by one grid step (divides Hkv). Default: all of them (one DMA per
+  page moves every head), or half on a megacore chip (v5p: two TensorCores behind one device)
+  when there is a single q block, so the parallel grid axis still has two entries.
 - `q_tokens`: q tokens per grid step (rows of the packed q tile = q_tokens * G). A sequence whose
   q rows span two q blocks is read twice, so verify wants q_tokens >= the verify length; decode
   wants few rows per block (every pair of (q block, sequence) computes all the block's rows and
@@ -22,7 +22,7 @@ from pallas_ops.chips import CHIPS, current_chip
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionBlockSizes:
     kv_tokens: int = 512
-    kv_heads: int | None = None      # None: all KV heads (or half of them on megacore chips)
+    kv_heads: int | None = None      # None: all KV heads (half on megacore with one q block)
     q_tokens: int | None = None      # None: chosen from the call's shapes
 
     def __post_init__(self):
@@ -44,8 +44,7 @@ class ResolvedBlockSizes:
     q_rows: int               # q_tokens * G
 
 
-# Per generation: the table's defaults. kv_heads=None resolves to Hkv (single core) or Hkv // 2
-# (megacore) in `resolve`.
+# Per generation: the table's defaults (kv_heads / q_tokens resolved per call in `resolve`).
 TABLE: dict[str, PagedAttentionBlockSizes] = {
     "v5e": PagedAttentionBlockSizes(kv_tokens=512),
     "v5p": PagedAttentionBlockSizes(kv_tokens=512),
@@ -85,13 +84,6 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
     pages_per_block = max(1, block_sizes.kv_tokens // page_size)
     pages_per_block = min(pages_per_block, pages_per_seq)
 
-    if block_sizes.kv_heads is None:
-        kv_heads = num_kv_heads // 2 if (megacore and num_kv_heads % 2 == 0) else num_kv_heads
-    else:
-        kv_heads = block_sizes.kv_heads
-    if num_kv_heads % kv_heads:
-        raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
-
     if block_sizes.q_tokens is None:
         if num_tokens <= max_seqs:          # decode-like: about one token per sequence
             q_tokens = max(1, 32 // group)
@@ -103,5 +95,17 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
         q_tokens = block_sizes.q_tokens
     if (q_tokens * group) % 8:
         raise ValueError(f"block_sizes.q_tokens={q_tokens} times G={group} must be a multiple of 8")
+
+    # KV heads per grid step: all of them (one DMA per page then moves every head: fewest DMA
+    # descriptors per byte), unless that leaves a megacore chip a single grid step.
+    if block_sizes.kv_heads is None:
+        single_step = -(-num_tokens // q_tokens) < 2
+        kv_heads = num_kv_heads
+        if megacore and single_step and num_kv_heads % 2 == 0:
+            kv_heads = num_kv_heads // 2
+    else:
+        kv_heads = block_sizes.kv_heads
+    if num_kv_heads % kv_heads:
+        raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
     return ResolvedBlockSizes(pages_per_block, pages_per_block * page_size, kv_heads, q_tokens,
                               q_tokens * group)

@@ -95,8 +95,9 @@ GEOMETRIES = [
     # prefill chunks up to 64 tokens spanning several q blocks; 8 sequence slots; f32 q, bf16 KV
     Geometry("g2-mixed-d64-p16-prefill", 2, 2, 64, 16, "bfloat16", "float32", 80, 8, 6,
              B(kv_tokens=48, q_tokens=16)),
-    # page 64, default block sizes (table fallback), window + soft cap together
-    Geometry("g4-f32-d128-p64-window-softcap", 1, 4, 128, 64, "float32", "float32", 24, 2, 3,
+    # page 64, default block sizes (table fallback: 4 pages = 256 keys per block, the lane-repeat
+    # path of production shapes), window + soft cap together
+    Geometry("g4-f32-d128-p64-window-softcap", 1, 4, 128, 64, "float32", "float32", 24, 2, 4,
              None, soft_cap=10.0, sliding_window=70),
 ]
 

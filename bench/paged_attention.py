@@ -1,0 +1,191 @@
+"""Benchmark protocol of `pallas_ops.paged_attention` (the target model's ragged paged attention).
+
+Catalogue shapes: `bench.shapes.PAGED_ATTENTION` (Llama-3.1-8B / Qwen3-8B attention: Hq=32,
+Hkv=8, D=128, bf16; decode batch 8 and 64, verify 16 tokens x 8 sequences, contexts 1k-16k,
+pages of 16 and 64; a mixed batch of 4 decoding, 3 verifying and 1 prefilling (256 tokens)
+sequences at 4k).
+
+- `build(shape, *, chip)`: (fn, args) with args as `jax.ShapeDtypeStruct`s; fn calls the kernel
+  compiled (`interpret=False`) with the chip's block sizes.
+- `hbm_bytes(shape)`: bytes the kernel must move: every page holding a sequence's keys, K and V,
+  once (whole pages are DMA'd), q in and the output out.
+- `main_loop(shape, *, chip)`: for `python -m bench static`: one iteration = one KV block
+  (kv_tokens keys of `kv_heads` heads, K and V) of one (q block, sequence) pair.
+- `main()`: wall clock on a TPU (time, GB/s, % of the HBM roofline); off TPU the bytes, the v5p
+  floor at 2.76 TB/s and "not measured".
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+from bench import shapes as shapes_mod
+
+KERNEL = "paged_attention"
+CALL_NAME = "dflash_paged_attention"
+
+
+def shapes() -> list:
+    return list(shapes_mod.PAGED_ATTENTION)
+
+
+def find(name: str):
+    return shapes_mod.find(KERNEL, name)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bfloat16": 2, "float32": 4}[dtype]
+
+
+def layout(shape) -> tuple[list[int], list[int]]:
+    """(q_lens, kv_lens) per sequence. Mixed: 4 decode, 3 verify-16, 1 prefill chunk of q_len."""
+    if shape.mixed:
+        q_lens = [1] * 4 + [16] * 3 + [shape.q_len]
+        q_lens = q_lens[: shape.num_seqs] + [1] * max(0, shape.num_seqs - len(q_lens))
+        return q_lens, [shape.kv_len] * shape.num_seqs
+    return [shape.q_len] * shape.num_seqs, [shape.kv_len] * shape.num_seqs
+
+
+def resolved_block_sizes(shape, chip: str):
+    from pallas_ops.paged_attention_block_sizes import resolve
+
+    q_lens, _ = layout(shape)
+    return resolve(None, chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,
+                   num_kv_heads=shape.num_kv_heads,
+                   group=shape.num_q_heads // shape.num_kv_heads, page_size=shape.page_size,
+                   pages_per_seq=shape.pages_per_seq)
+
+
+def build(shape, *, chip: str = "v5p"):
+    """(fn, args): fn(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_ops.paged_attention import paged_attention
+
+    dt = jnp.dtype(shape.dtype)
+    q_lens, _ = layout(shape)
+    t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
+    hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
+    S = jax.ShapeDtypeStruct
+    args = (S((t, hq, d), dt), S((hkv, s * pps, ps, d), dt), S((hkv, s * pps, ps, d), dt),
+            S((s,), jnp.int32), S((s, pps), jnp.int32), S((s + 1,), jnp.int32),
+            S((1,), jnp.int32))
+    fn = functools.partial(paged_attention, interpret=False, chip=chip)
+    return fn, args
+
+
+def concrete_args(shape, seed: int = 0):
+    """Random q/pages, identity page table, the shape's lengths: arrays for the wall clock."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    _, specs = build(shape)
+    q_lens, kv_lens = layout(shape)
+    key = jax.random.key(seed)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+               for i, s in enumerate(specs[:3]))
+    table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    return (q, k, v, jnp.asarray(kv_lens, jnp.int32), table, cu,
+            jnp.asarray([shape.num_seqs], jnp.int32))
+
+
+def hbm_bytes(shape) -> int:
+    """Bytes that must move: each sequence's pages of K and V once, q in, output out."""
+    it = _itemsize(shape.dtype)
+    q_lens, kv_lens = layout(shape)
+    pages = sum(-(-kv // shape.page_size) for kv in kv_lens)
+    kv = 2 * pages * shape.page_size * shape.num_kv_heads * shape.head_dim * it
+    qo = 2 * sum(q_lens) * shape.num_q_heads * shape.head_dim * it
+    return kv + qo
+
+
+def kernel_steps(shape, chip: str) -> tuple[int, int]:
+    """(KV-block steps over the whole call, grid steps), following the kernel's work list."""
+    bs = resolved_block_sizes(shape, chip)
+    q_lens, kv_lens = layout(shape)
+    cu = [0]
+    for n in q_lens:
+        cu.append(cu[-1] + n)
+    t = cu[-1]
+    nqb = -(-t // bs.q_tokens)
+    steps = 0
+    for qb in range(nqb):
+        lo, hi = qb * bs.q_tokens, (qb + 1) * bs.q_tokens
+        for s, kv in enumerate(kv_lens):
+            if cu[s] < hi and cu[s + 1] > lo and cu[s + 1] > cu[s]:
+                last_pos = kv - cu[s + 1] + min(cu[s + 1], hi) - 1
+                pages = last_pos // shape.page_size + 1
+                steps += -(-pages // bs.pages_per_block)
+    head_groups = shape.num_kv_heads // bs.kv_heads
+    return steps * head_groups, nqb * head_groups
+
+
+def main_loop(shape, *, chip: str = "v5p"):
+    """The KV-block loop: one iteration DMAs kv_tokens keys of K and V for kv_heads heads."""
+    from bench.static import MainLoop
+    from pallas_ops.chips import CHIPS
+
+    bs = resolved_block_sizes(shape, chip)
+    iterations, grid_steps = kernel_steps(shape, chip)
+    return MainLoop(
+        call_name=CALL_NAME,
+        bytes_per_iteration=2 * bs.kv_heads * bs.kv_tokens * shape.head_dim
+        * _itemsize(shape.dtype),
+        iterations=iterations,
+        cores=CHIPS[chip].tensorcores if grid_steps > 1 else 1,
+        outer_iterations=grid_steps,
+        # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops`): the
+        # next block's prefetch and its unrolled page-DMA starts run; the tail-block page loops
+        # (start, and wait, each behind a branch and a trip-count guard) and the V sanitising of
+        # a tail block are jumped over.
+        inner_trips=(0, 0),
+        taken_branches=(False, False, True, True, True, True, True),
+    )
+
+
+def main(argv=None) -> int:
+    import time
+
+    import jax
+
+    from pallas_ops.chips import CHIPS, current_chip
+
+    p = argparse.ArgumentParser(prog="python -m bench.paged_attention")
+    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
+    p.add_argument("--iters", type=int, default=20)
+    a = p.parse_args(argv)
+    chosen = [find(n) for n in a.shape] if a.shape else shapes()
+    chip = current_chip()
+    if chip is None:
+        v5p = CHIPS["v5p"].hbm_bytes_per_s
+        print("no TPU: not measured. Bytes that must move and the v5p HBM floor "
+              f"({v5p / 1e12:.2f} TB/s); see `python -m bench static --kernel {KERNEL}` for the "
+              "static schedule estimate.")
+        print(f"{'shape':28s} {'MB':>9s} {'v5p floor us':>13s}")
+        for shape in chosen:
+            nbytes = hbm_bytes(shape)
+            print(f"{shape.name:28s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
+        return 0
+    peak = CHIPS[chip].hbm_bytes_per_s
+    print(f"{chip}: HBM roofline {peak / 1e12:.2f} TB/s")
+    print(f"{'shape':28s} {'us':>9s} {'GB/s':>8s} {'% HBM':>6s}")
+    for shape in chosen:
+        fn, _ = build(shape, chip=chip)
+        args = concrete_args(shape)
+        f = jax.jit(fn)
+        f(*args).block_until_ready()
+        t0 = time.perf_counter()
+        for _ in range(a.iters):
+            out = f(*args)
+        out.block_until_ready()
+        dt = (time.perf_counter() - t0) / a.iters
+        rate = hbm_bytes(shape) / dt
+        print(f"{shape.name:28s} {dt * 1e6:9.1f} {rate / 1e9:8.0f} {100 * rate / peak:6.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
