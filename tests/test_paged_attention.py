@@ -225,7 +225,7 @@ def _assert_matches_reference(case: Case, out):
 # ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=lambda g: g.name)
-@settings(max_examples=examples(4))
+@settings(max_examples=examples(3))
 @given(data=st.data())
 def test_kernel_matches_reference(geo, data):
     case = data.draw(ragged_batches(geo))
@@ -234,8 +234,12 @@ def test_kernel_matches_reference(geo, data):
     _assert_matches_reference(case, _kernel(case))
 
 
-@pytest.mark.parametrize("mode", ["on_wait", "eager"])
-@pytest.mark.parametrize("geo", [GEOMETRIES[0], GEOMETRIES[3]], ids=lambda g: g.name)
+@pytest.mark.parametrize("geo, mode", [
+    (GEOMETRIES[0], "on_wait"),
+    (GEOMETRIES[0], "eager"),
+    (GEOMETRIES[3], "eager"),
+    pytest.param(GEOMETRIES[3], "on_wait", marks=slow),
+], ids=lambda x: x.name if isinstance(x, Geometry) else x)
 def test_no_dma_races(geo, mode):
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
 
@@ -276,15 +280,15 @@ def test_f32_kv_is_not_rounded_to_bf16():
 def test_agrees_with_jax_bundled_paged_attention_on_decode():
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as jax_paged
 
-    geo = Geometry("jax-cmp", 2, 4, 128, 16, "bfloat16", "bfloat16", 4, 4, 4,
-                   PagedAttentionBlockSizes(kv_tokens=32, q_tokens=8), spare_pages=0)
+    # The geometry of the first property test (its compiled kernel is reused); four decode rows.
+    geo = GEOMETRIES[0]
     # jax's kernel reads every page of a compute block and masks additively, so it needs finite
     # data everywhere and in-range page indices.
     case = make_case(geo, [1, 1, 1, 1], [64, 17, 32, 5], seed=11, poison=False)
-    ours = _kernel(case)
-    np.testing.assert_allclose(ours, _reference(case), **tolerance(geo))
+    ours = _kernel(case)[:4]
+    np.testing.assert_allclose(ours, _reference(case)[:4], **tolerance(geo))
     # jax's kernel takes pre-scaled queries (it applies no 1/sqrt(D) itself).
-    q_scaled = (jnp.asarray(case.q, jnp.float32) / np.sqrt(geo.head_dim)).astype(jnp.bfloat16)
+    q_scaled = (jnp.asarray(case.q[:4], jnp.float32) / np.sqrt(geo.head_dim)).astype(jnp.bfloat16)
     with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
         theirs = jax_paged(q_scaled, jnp.asarray(case.k_pages),
                            jnp.asarray(case.v_pages), jnp.asarray(case.kv_lens),
