@@ -240,7 +240,7 @@ def _vmem_estimate(bb, bs, tv, itemsize, with_lse):
     return 2 * tile + scratch + small
 
 
-def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpret, chip):
+def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpret, chip):
     B, bs, V = logits.shape
     bb, tv = bsz.seqs_per_block, bsz.vocab_tile
     nblk, nv = B // bb, pl.cdiv(V, tv)
@@ -268,7 +268,7 @@ def _verify_call(logits, drafts, ns, samp_blk, params, *, bsz, with_lse, interpr
         inv_t, _, key = params
         in_specs += [row_spec] * 2
         args += [inv_t[..., None], key[..., None]]
-        prefetch.append(samp_blk)
+        prefetch.append(samp_seq)
     if with_lse:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
@@ -357,15 +357,24 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
         raise ValueError(f"block_sizes.seqs_per_block={block_sizes.seqs_per_block} must divide "
                          f"B={B}")
     interpret = resolve_interpret(interpret)
+    num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
+                       bsz=block_sizes, interpret=interpret, chip=chip)
+
+
+@functools.partial(jax.jit, static_argnames=("bsz", "interpret", "chip"))
+def _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *,
+                bsz, interpret, chip):
+    B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, V)
     with_lse = draft_probs is not None and params is not None
-    ns = jnp.clip(jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(1), 0, B)
-    samp_blk = None
+    ns = jnp.clip(num_seqs, 0, B).reshape(1)
+    samp_seq = None
     if params is not None:
-        samp_blk = (params[1][:, 0] > 0).astype(jnp.int32)       # per sequence
-    outs = _verify_call(logits, drafts, ns, samp_blk, params, bsz=block_sizes,
-                        with_lse=with_lse, interpret=interpret, chip=chip)
+        samp_seq = (params[1][:, 0] > 0).astype(jnp.int32)       # per sequence
+    outs = _verify_call(logits, drafts, ns, samp_seq, params, bsz=bsz, with_lse=with_lse,
+                        interpret=interpret, chip=chip)
     if not with_lse:
         tok, acc = outs
         return VerifyResult(acc[:, 0, 0], tok[..., 0])

@@ -196,6 +196,13 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
     del block_sizes, interpret
     B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
                           num_seqs)
+    num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs)
+
+
+@jax.jit
+def _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs):
+    B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, V)
     valid = seq_valid(B, num_seqs)
