@@ -16,9 +16,11 @@ from pallas_ops.paged_attention import (
     paged_attention,
     write_kv_pages,
 )
+from pallas_ops.verify_accept import VerifyAcceptBlockSizes, VerifyResult, verify_accept
 
 __all__ = ["default_interpret_params", "on_tpu", "resolve_interpret"]
 __all__ += ["BlockAttentionBlockSizes", "append_context", "block_attention",
             "check_block_attention_inputs"]
 __all__ += ["PagedAttentionBlockSizes", "check_paged_attention_inputs", "paged_attention",
             "write_kv_pages"]
+__all__ += ["VerifyAcceptBlockSizes", "VerifyResult", "verify_accept"]
