@@ -142,7 +142,11 @@ class _Engine:
         same structure share their compiled step functions)."""
         return TRACE_COUNTS
 
-    def _jit(self, name, key, build, donate):
+    def _jit(self, name, key, build, donate, variant=()):
+        # per-decoder memo first: hashing the graphdefs in `key` costs milliseconds per step
+        local = self.__dict__.setdefault("_local_jit", {})
+        if (name, variant) in local:
+            return local[(name, variant)]
         full = (name, key)
         if full not in _JIT_CACHE:
             fn = build()
@@ -151,6 +155,7 @@ class _Engine:
                 TRACE_COUNTS[name] += 1
                 return fn(*args)
             _JIT_CACHE[full] = jax.jit(counted, donate_argnums=donate)
+        local[(name, variant)] = _JIT_CACHE[full]
         return _JIT_CACHE[full]
 
     def _prefill_fn(self, with_draft: bool):
@@ -221,7 +226,8 @@ class _Engine:
                 r += n
             cu[len(chunk) + 1:] = r
             key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend)
-            fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3))
+            fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3),
+                           variant=(with_draft,))
             dstate = self._sd if with_draft else None
             dcache = self.draft_cache if with_draft else None
             first, self.target_cache, dcache = fn(
@@ -474,7 +480,8 @@ class SpeculativeDecoder(_Engine):
         greedy = temperature == 0
         key = (self._gt, self._gd, B, bs, self.draft.config.mask_token_id, self.feature_layers,
                self.backend, greedy, override)
-        fn = self._jit("spec_step", key, lambda: self._step_fn(greedy, override), donate=(1, 3))
+        fn = self._jit("spec_step", key, lambda: self._step_fn(greedy, override), donate=(1, 3),
+                       variant=(greedy, override))
         num_acc, tokens, drafts, self.target_cache, self.draft_cache = fn(
             self._st, self.target_cache, self._sd, self.draft_cache, last.astype(np.int32), lens,
             is_live, order, np.int32(len(active)), self.allocator.page_table[order], temp, seeds,

@@ -20,13 +20,23 @@ class Ops:
     backend: str
     chip: str | None = None      # pallas only: block sizes / VMEM budget of this TPU generation
                                  # (None = the current TPU, else the kernels' fallback)
+    interpret: object = None     # pallas only: the kernels' `interpret=` (None = auto; False to
+                                 # compile for a TPU ahead of time from a CPU host)
 
     def _chip(self):
-        return {"chip": self.chip} if self.backend == "pallas" and self.chip else {}
+        if self.backend != "pallas":
+            return {}
+        kw = {"interpret": self.interpret}
+        if self.chip:
+            kw["chip"] = self.chip
+        return kw
 
     def _mod(self, name):
         suffix = "_xla" if self.backend == "xla" else ""
         return importlib.import_module(f"pallas_ops.{name}{suffix}")
+
+    def _interp(self):
+        return {"interpret": self.interpret} if self.backend == "pallas" else {}
 
     def paged_attention(self, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                         *, sliding_window=None):
@@ -38,7 +48,8 @@ class Ops:
     def write_kv_pages(self, k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
                        num_seqs):
         return self._mod("paged_attention").write_kv_pages(
-            k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs)
+            k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
+            **self._interp())
 
     def block_attention(self, q, k_block, v_block, k_cache, v_cache, ctx_lens, *,
                         sliding_window=None):
@@ -49,7 +60,7 @@ class Ops:
 
     def append_context(self, k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
         return self._mod("block_attention").append_context(
-            k_cache, v_cache, k_new, v_new, ctx_lens, n_new)
+            k_cache, v_cache, k_new, v_new, ctx_lens, n_new, **self._interp())
 
     def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None):
         """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""
@@ -58,7 +69,9 @@ class Ops:
             **self._chip())
 
 
-def get_ops(backend: str, chip: str | None = None) -> Ops:
+def get_ops(backend: str, chip: str | None = None, interpret=None) -> Ops:
+    """The ops of `backend`; `chip` / `interpret` are passed to the Pallas kernels (e.g.
+    ``get_ops("pallas", chip="v5p", interpret=False)`` to AOT-compile for v5p on a CPU host)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return Ops(backend, chip)
+    return Ops(backend, chip, interpret)

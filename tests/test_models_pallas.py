@@ -15,7 +15,8 @@ from models.ops import get_ops
 from models.target import TargetModel
 from models.testing import (OracleProposer, perturb_norms, tiny_draft_config,
                             tiny_target_config)
-from tests.tpu_harness import aot_compile
+from pallas_ops.aot import lower_for_tpu
+from tests.tpu_harness import require_libtpu
 
 TCFG = tiny_target_config(num_layers=2, vocab_size=64)
 TARGET = perturb_norms(TargetModel(TCFG, rngs=nnx.Rngs(10)), seed=11)
@@ -63,7 +64,7 @@ def test_llama31_8b_layer_verify_step_compiles_for_v5p():
     cfg, bs, batch, ctx, page = LLAMA31_8B_LAYER, 16, 8, 4096, 16
     model = nnx.eval_shape(lambda: TargetModel(cfg, dtype=jnp.bfloat16))
     graphdef, state = nnx.split(model)
-    ops = get_ops("pallas", chip="v5p")
+    ops = get_ops("pallas", chip="v5p", interpret=False)     # Mosaic, not the interpreter
     pages_per_seq = ctx // page
     num_pages = batch * pages_per_seq
 
@@ -83,6 +84,8 @@ def test_llama31_8b_layer_verify_step_compiles_for_v5p():
             sds((), jnp.int32))
     logits, caches = jax.eval_shape(verify_step, *args)
     assert logits.shape == (batch * bs, cfg.vocab_size) and caches[0][0].shape == kv.shape
-    compiled = aot_compile(verify_step, *args, chip="v5p")
-    text = compiled.as_text()
-    assert "tpu_custom_call" in text          # the Mosaic kernels are in the compiled program
+    require_libtpu()
+    lowered = lower_for_tpu(verify_step, *args, chip="v5p")
+    # write_kv_pages + paged_attention: the layer's two Mosaic kernels
+    assert lowered.as_text().count("tpu_custom_call") == 2
+    lowered.compile()
