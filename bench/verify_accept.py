@@ -80,23 +80,40 @@ def hbm_bytes(shape) -> int:
 
 
 def main_loop(shape, *, chip: str = "v5p"):
-    """One iteration = one sequence x one vocab tile (bs x vocab_tile logits)."""
+    """One iteration = one grid step: seqs_per_block sequences x bs rows x vocab_tile logits.
+
+    The hot path (an interior vocab tile of a live block) is declared for `bench.static`: the
+    grid loop's forward branches are, in order, [next logits tile DMA (runs), row-input DMA
+    (skipped: same block), live-block guard (runs), init at tile 0 (skipped), unmasked body
+    (runs), {sampling: per-sequence sampling branch (runs), greedy branch (skipped)}, masked
+    tail body (skipped), {sampling: its two inner branches}, finalize (skipped)]; nested loops:
+    the sequence loop (seqs_per_block trips, absent when it is 1) and the 128-lane chunk loop
+    (vocab_tile / 1024 trips), then the masked copies (not run)."""
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
     from pallas_ops.verify_accept import _chunk_unroll
 
     bsz = block_sizes(shape, chip)
     B, bs, V = shape.batch, shape.block_size, shape.vocab
-    tiles = -(-V // bsz.vocab_tile)
-    steps = (B // bsz.seqs_per_block) * tiles
-    nchunks = bsz.vocab_tile // 128
+    bb, tv = bsz.seqs_per_block, bsz.vocab_tile
+    tiles = -(-V // tv)
+    nchunks = tv // 128
+    groups = nchunks // _chunk_unroll(nchunks)
+    seq = (bb,) if bb > 1 else ()
+    if shape.sampling:
+        trips = seq + (groups, 0) + seq + (0, 0) if bb > 1 else (groups, 0, 0, 0)
+        taken = (False, True, False, True, False, False, True, True, False, False, True)
+    else:
+        trips = seq + (groups,) + ((0, 0) if bb > 1 else (0,))
+        taken = (False, True, False, True, False, True, True)
     return MainLoop(
         call_name=CALL_NAME,
-        bytes_per_iteration=bs * bsz.vocab_tile * _itemsize(shape.dtype),
-        iterations=B * tiles,
-        cores=min(CHIPS[chip].tensorcores, B // bsz.seqs_per_block),
-        outer_iterations=steps,
-        inner_trips=(nchunks // _chunk_unroll(nchunks),),
+        bytes_per_iteration=bb * bs * tv * _itemsize(shape.dtype),
+        iterations=(B // bb) * tiles,
+        cores=min(CHIPS[chip].tensorcores, B // bb),
+        loop_depth=1,
+        inner_trips=trips,
+        taken_branches=taken,
     )
 
 

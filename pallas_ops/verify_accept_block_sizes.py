@@ -38,14 +38,16 @@ class _ChipTuning:
     max_tile: int          # cap on vocab_tile
 
 
-# Chosen from the bundle dumps (see bench/verify_accept.py): 1 MiB of logits per step keeps the
-# step overhead under ~10% of the DMA time on every generation.
+# Chosen from the v5p bundle dumps (`python -m bench static --kernel verify_accept`, sweeping
+# PALLAS_DFLASH_VA_BLOCKS): the greedy 128-lane fold costs ~27 bundles per 8 chunks of a 16-row
+# bf16 sequence (0.65x that data's HBM time) plus ~11 per sequence and ~200 per grid step; at
+# 1 MiB per step the fixed costs bring it to ~0.9x the HBM time, at 2 MiB to ~0.76x.
 TUNING: dict[str, _ChipTuning] = {
-    "v5e": _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768),
-    "v5p": _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768),
+    "v5e": _ChipTuning(step_bytes=2 << 20, max_seqs=8, max_tile=32768),
+    "v5p": _ChipTuning(step_bytes=2 << 20, max_seqs=8, max_tile=32768),
     "v6e": _ChipTuning(step_bytes=2 << 20, max_seqs=8, max_tile=32768),
 }
-FALLBACK = _ChipTuning(step_bytes=1 << 20, max_seqs=8, max_tile=32768)
+FALLBACK = _ChipTuning(step_bytes=2 << 20, max_seqs=8, max_tile=32768)
 
 
 def _round_up(x: int, m: int) -> int:
