@@ -86,17 +86,21 @@ def main_loop(shape, *, chip: str = "v5p"):
     hb = bsz.heads_per_step(shape.num_kv_heads)
     tiles = -(-shape.ctx_len // bsz.ctx_tile)
     steps = shape.batch * (shape.num_kv_heads // hb)
+    # Rows actually DMA'd per tile, on average: whole tiles, plus the straddling tile's
+    # 128-row chunks below ctx_len (so a 512-row context moves 512 rows, not a 1024-row tile).
+    rows = -(-shape.ctx_len // 128) * 128 / tiles
     return MainLoop(
         call_name=CALL_NAME,
-        bytes_per_iteration=2 * hb * bsz.ctx_tile * shape.head_dim * _itemsize(shape.dtype),
+        bytes_per_iteration=int(2 * hb * rows * shape.head_dim * _itemsize(shape.dtype)),
         iterations=steps * tiles,
         cores=CHIPS[chip].tensorcores,
         outer_iterations=steps,
-        # Forward branches of the tile loop, in schedule order (libtpu 0.10.2, checked with
-        # `--loops`): the chunked DMA starts of a straddling next tile (and one nested in it),
-        # the unmasked body, the masked body. An interior tile skips the chunked starts, runs
-        # the unmasked body and skips the masked one.
-        taken_branches=(True, True, False, True),
+        # Forward branches of the tile loop, in schedule order (libtpu of jax 0.10.2, checked
+        # with `--loops`): the chunked DMA starts of a straddling next tile (+1 nested), then,
+        # when B > 1, the last tile's prefetch of the next sequence's first tile (+2 nested),
+        # then the unmasked body and the masked body. An interior tile skips all but the
+        # unmasked body.
+        taken_branches=(True,) * (5 if shape.batch > 1 else 2) + (False, True),
     )
 
 

@@ -7,11 +7,13 @@ mask, to context keys 0..ctx_lens[b]-1 of the static cache and to all bs keys of
 With `sliding_window=W`, context key j is visible to block query i only if j > ctx_lens[b] + i - W;
 the block keys always stay visible. See `reference.block_attention` for the float64 reference.
 
-Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step, B), both axes parallel):
+Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbitrary)):
 - ctx_lens is scalar-prefetched. The caches stay in HBM (`pl.ANY`); context tiles of ctx_tile rows
   (all KV heads of the step at once) are streamed by manual double-buffered DMA in a loop whose
   trip count is ceil(ctx_len / ctx_tile) (minus the tiles left of a sliding window), so the cost
-  grows with ctx_len, not with S_max, and no tile at or past ctx_len is ever DMA'd.
+  grows with ctx_len, not with S_max, and no tile at or past ctx_len is ever DMA'd. The double
+  buffer runs across grid steps: the last tile of sequence b overlaps the DMA of the first tile
+  of sequence b+1 (same head group, same core).
 - All G = Hq/Hkv q heads of a KV head are packed into one matmul's rows: q is laid out as
   [B, Hkv, bs*G (padded to the sublane tile), D] by the wrapper, so a tile costs one
   [rows, D] x [D, ctx_tile] matmul and one [rows, ctx_tile] x [ctx_tile, D] matmul per KV head.
@@ -105,55 +107,77 @@ def _block_attention_kernel(
     m_ref,          # [hb, R, 128] f32  running max (lane-replicated)
     l_ref,          # [hb, R, 128] f32  running denominator (lane-replicated)
     acc_ref,        # [hb, R, D] f32    running numerator
+    base_ref,       # [1] int32 (SMEM)  buffer slot of this step's first tile (set by the step before)
     *, bs, groups, tile, s_max, window,
 ):
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
     h0 = pl.program_id(0) * hb
     b = pl.program_id(1)
-    ctx = ctx_lens_ref[b]
+    num_b = pl.num_programs(1)
 
     n_chunks = tile // DMA_CHUNK
     full_chunks, rem = divmod(s_max, DMA_CHUNK)   # static: the cache ends in a short chunk if rem
 
-    def copy_pair(t, slot, chunk, rows, op):
-        """K and V rows [t*tile + chunk*DMA_CHUNK, + rows) of the step's heads <-> buffer slot."""
+    def copy_pair(bb, t, slot, chunk, rows, op):
+        """K and V rows [t*tile + chunk*DMA_CHUNK, + rows) of sequence bb, the step's heads."""
         src = pl.ds(pl.multiple_of(t * tile + chunk * DMA_CHUNK, DMA_CHUNK), rows)
         dst = pl.ds(chunk * DMA_CHUNK, rows)
         for x, (hbm, buf) in enumerate(((kc_hbm, kbuf), (vc_hbm, vbuf))):
-            cp = pltpu.make_async_copy(hbm.at[b, pl.ds(h0, hb), src, :],
+            cp = pltpu.make_async_copy(hbm.at[bb, pl.ds(h0, hb), src, :],
                                        buf.at[slot, :, dst, :], sems.at[x, slot])
             getattr(cp, op)()
 
-    def dma(t, slot, op):
-        """Start or wait the DMAs of context tile t. A tile wholly below ctx_len moves in one
-        DMA per K/V; the tile straddling ctx_len moves only its DMA_CHUNK-row chunks that hold
-        rows below ctx_len (the last one short if the cache ends inside it)."""
-        whole = (t + 1) * tile <= ctx
-        pl.when(whole)(lambda: copy_pair(t, slot, 0, tile, op))
+    def dma(bb, ctx_bb, t, slot, op):
+        """Start or wait the DMAs of context tile t of sequence bb. A tile wholly below ctx_len
+        moves in one DMA per K/V; the tile straddling ctx_len moves only its DMA_CHUNK-row
+        chunks that hold rows below ctx_len (the last one short if the cache ends inside it)."""
+        whole = (t + 1) * tile <= ctx_bb
+        pl.when(whole)(lambda: copy_pair(bb, t, slot, 0, tile, op))
 
         @pl.when(jnp.logical_not(whole))
         def _():
             for c in range(n_chunks):
                 g = t * n_chunks + c                  # global chunk index
-                need = g * DMA_CHUNK < ctx
+                need = g * DMA_CHUNK < ctx_bb
                 if full_chunks:
                     pl.when(need & (g < full_chunks))(
-                        functools.partial(copy_pair, t, slot, c, DMA_CHUNK, op))
+                        functools.partial(copy_pair, bb, t, slot, c, DMA_CHUNK, op))
                 if rem:
                     pl.when(need & (g == full_chunks))(
-                        functools.partial(copy_pair, t, slot, c, rem, op))
+                        functools.partial(copy_pair, bb, t, slot, c, rem, op))
 
-    t_end = jax.lax.div(ctx + tile - 1, tile)   # ctx >= 0: truncation = floor
-    if window is None:
-        t0 = jnp.int32(0)
-    else:
-        t0 = jax.lax.div(jnp.maximum(ctx - window + 1, 0), tile)
-        t0 = jnp.minimum(t0, t_end)
+    def tile_range(bb):
+        """(ctx_len, first tile, end tile) of sequence bb."""
+        c = ctx_lens_ref[bb]
+        t_end = jax.lax.div(c + tile - 1, tile)   # c >= 0: truncation = floor
+        if window is None:
+            return c, jnp.int32(0), t_end
+        t0 = jax.lax.div(jnp.maximum(c - window + 1, 0), tile)
+        return c, jnp.minimum(t0, t_end), t_end
 
-    @pl.when(t0 < t_end)
+    ctx, t0, t_end = tile_range(b)
+    # The batch axis runs in order on a core ("arbitrary"): each step starts the first tile of
+    # the next sequence while it works on its own last tile, so only the first step of a core
+    # waits for a cold DMA. base_ref says which slot that prefetched tile is in.
+    nb = jnp.minimum(b + 1, num_b - 1)
+    n_ctx, n_t0, n_t_end = tile_range(nb)
+    has_next = (b + 1 < num_b) & (n_t0 < n_t_end)
+    base = jnp.where(b == 0, 0, base_ref[0])
+
+    def prefetch_next(slot):
+        @pl.when(has_next)
+        def _():
+            dma(nb, n_ctx, n_t0, slot, "start")
+        base_ref[0] = slot
+
+    @pl.when((b == 0) & (t0 < t_end))
     def _():
-        dma(t0, 0, "start")
+        dma(b, ctx, t0, 0, "start")
+
+    @pl.when(t0 >= t_end)          # no context tile here: both slots are free
+    def _():
+        prefetch_next(0)
 
     # The block's own keys first: every row gets a finite max before the context tiles.
     for h in range(hb):
@@ -182,13 +206,17 @@ def _block_attention_kernel(
             _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False)
 
     def body(t, carry):
-        slot = jax.lax.rem(t - t0, 2)
+        slot = jax.lax.rem(base + t - t0, 2)
 
         @pl.when(t + 1 < t_end)
         def _():
-            dma(t + 1, 1 - slot, "start")
+            dma(b, ctx, t + 1, 1 - slot, "start")
 
-        dma(t, slot, "wait")
+        @pl.when(t + 1 == t_end)
+        def _():
+            prefetch_next(1 - slot)
+
+        dma(b, ctx, t, slot, "wait")
         if window is None:
             needs_mask = (t + 1) * tile > ctx
 
@@ -328,10 +356,13 @@ def _block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, 
                 pltpu.VMEM((hb, R, 128), jnp.float32),
                 pltpu.VMEM((hb, R, 128), jnp.float32),
                 pltpu.VMEM((hb, R, D), jnp.float32),
+                pltpu.SMEM((1,), jnp.int32),
             ],
         ),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel"),
+            # Head groups split over TensorCores; the batch axis runs in order on each core
+            # (a step prefetches the next sequence's first tile).
+            dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=vmem_limit,
         ),
         cost_estimate=cost,
