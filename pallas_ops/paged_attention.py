@@ -138,6 +138,7 @@ def _attention_kernel(
     m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
     l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
     acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
+    slot_ref,             # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
     *,
     sm_scale: float,
     soft_cap: float | None,
@@ -150,14 +151,23 @@ def _attention_kernel(
 ):
     hb, q_rows, head_dim = q_ref.shape
     ppb, kv_tokens = bs.pages_per_block, bs.kv_tokens
-    # One flat "parallel" grid axis over (head group, q block): megacore halves it, so both
-    # TensorCores get work whether there are several head groups or several q blocks.
+    # Grid (core, step): the flat list of (head group, q block) steps is cut into one contiguous
+    # run per TensorCore ("parallel" axis), each run walked in order ("arbitrary" axis), so a
+    # step can prefetch the first KV block of the next step on the same core.
     # (lax.div/rem, not // and %: floor division lowers through `sign`, which needs a TPU at
     # trace time; all operands are non-negative, so truncation is the same.)
-    num_q_blocks = lax.div(pl.num_programs(0), jnp.int32(head_groups))
-    hg = lax.div(pl.program_id(0), num_q_blocks)
-    qb = lax.rem(pl.program_id(0), num_q_blocks)
-    h0 = hg * hb
+    steps_per_core = pl.num_programs(1)
+    num_q_blocks = lax.div(pl.num_programs(0) * steps_per_core, jnp.int32(head_groups))
+    i = pl.program_id(1)
+    g = pl.program_id(0) * steps_per_core + i
+
+    def step_of(g):
+        """(first KV head, q block) of flat grid step g."""
+        return lax.div(g, num_q_blocks) * hb, lax.rem(g, num_q_blocks)
+
+    h0, qb = step_of(g)
+    h0_next, qb_next = step_of(jnp.minimum(g + 1, num_q_blocks * head_groups - 1))
+    next_has_work = (i + 1 < steps_per_core) & (block_steps_ref[qb_next] > 0)
     cdt = k_buf.dtype
 
     m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
@@ -176,7 +186,7 @@ def _attention_kernel(
 
     total_pages = k_hbm.shape[1]
 
-    def page_copies(seq, slot_in_table, j, buf_slot):
+    def page_copies(seq, slot_in_table, j, buf_slot, h0):
         # The clamps change nothing for valid input (pages in use are in range, j < ppb) but let
         # the compiler prove the DMA addresses in bounds and drop its per-DMA bounds checks.
         page = jnp.clip(page_table_ref[seq * pages_per_seq + slot_in_table], 0, total_pages - 1)
@@ -189,24 +199,26 @@ def _attention_kernel(
                                    v_buf.at[buf_slot, :, dst], sems.at[1, buf_slot])
         return ck, cv
 
-    def start_block(w, b, buf_slot):
+    def start_block(w, b, buf_slot, h0, unroll=True):
         seq, first, n = block_pages(w, b)
+
+        def start_page(j, carry):
+            ck, cv = page_copies(seq, first + j, j, buf_slot, h0)
+            ck.start()
+            cv.start()
+            return carry
+
+        if not unroll:
+            lax.fori_loop(0, n, start_page, 0)
+            return
 
         @pl.when(n == ppb)
         def _():  # a full block: unrolled, so the scalar work of consecutive pages overlaps
             for j in range(ppb):
-                ck, cv = page_copies(seq, first + j, j, buf_slot)
-                ck.start()
-                cv.start()
+                start_page(j, 0)
 
         @pl.when(n < ppb)
         def _():
-            def start_page(j, carry):
-                ck, cv = page_copies(seq, first + j, j, buf_slot)
-                ck.start()
-                cv.start()
-                return carry
-
             lax.fori_loop(0, n, start_page, 0)
 
     def wait_block(w, b, buf_slot):
@@ -220,7 +232,7 @@ def _attention_kernel(
         @pl.when(n < ppb)
         def _():
             def wait_page(j, carry):
-                ck, cv = page_copies(seq, first + j, j, buf_slot)
+                ck, cv = page_copies(seq, first + j, j, buf_slot, 0)  # waits: only sizes matter
                 ck.wait()
                 cv.wait()
                 return carry
@@ -273,26 +285,43 @@ def _attention_kernel(
             m_ref[h] = m_new
             l_ref[h] = l_new
 
-    @pl.when(n_steps > 0)
-    def _():
-        start_block(w_first, 0, 0)
+    # The first KV block of this step: already in flight (prefetched by the previous step on
+    # this core) unless this is the core's first step.
+    slot_first = jnp.where(i == 0, 0, slot_ref[0])
 
-    def step(i, carry):
+    @pl.when((i == 0) & (n_steps > 0))
+    def _():
+        start_block(w_first, 0, 0, h0)
+
+    w_first_next = pair_start_ref[qb_next]
+
+    def step(j, carry):
         w, b, buf_slot = carry
         last = b + 1 >= pair_num_blocks_ref[w]
         w_next = jnp.where(last, w + 1, w)
         b_next = jnp.where(last, 0, b + 1)
+        # Prefetch the next KV block: of this step, or else the first one of the next step.
+        more = j + 1 < n_steps
+        tgt_w = jnp.where(more, w_next, w_first_next)
+        tgt_b = jnp.where(more, b_next, 0)
+        tgt_h0 = jnp.where(more, h0, h0_next)
 
-        @pl.when(i + 1 < n_steps)
+        @pl.when(more | next_has_work)
         def _():
-            start_block(w_next, b_next, 1 - buf_slot)
+            start_block(tgt_w, tgt_b, 1 - buf_slot, tgt_h0)
 
         wait_block(w, b, buf_slot)
         sanitize_tail(w, b, buf_slot)
         compute_block(w, b, buf_slot)
         return w_next, b_next, 1 - buf_slot
 
-    lax.fori_loop(0, n_steps, step, (w_first, jnp.int32(0), jnp.int32(0)))
+    _, _, slot_end = lax.fori_loop(0, n_steps, step, (w_first, jnp.int32(0), slot_first))
+
+    @pl.when((n_steps == 0) & next_has_work)
+    def _():  # an empty step still hands the next one its first block
+        start_block(w_first_next, 0, slot_end, h0_next, unroll=False)
+
+    slot_ref[0] = slot_end
 
     for h in range(hb):
         l = _lanes(l_ref[h], head_dim)
@@ -382,7 +411,13 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     hkv, total_pages, page_size, _ = k_pages.shape
     s_max, pps = page_indices.shape
     g = hq // hkv
+    hb, rows = bs.kv_heads, bs.q_rows
+    head_groups = hkv // hb
+    cores = CHIPS[chip].tensorcores if chip is not None else 2
     nqb = _cdiv(t, bs.q_tokens)
+    while (head_groups * nqb) % cores:  # equal runs per core (padding q blocks are empty)
+        nqb += 1
+    steps_per_core = head_groups * nqb // cores
     t_pad = nqb * bs.q_tokens
     # GQA packing: [T, Hq, D] -> [Hkv, T_pad * G, D], row = token * G + g.
     qp = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
@@ -393,12 +428,14 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                       sliding_window=sliding_window)
     prefetch = (kv_lens, page_indices.reshape(-1), cu_q_lens) + work
 
-    hb, rows = bs.kv_heads, bs.q_rows
     kernel = functools.partial(
         _attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        group=g, page_size=page_size, pages_per_seq=pps, head_groups=hkv // hb, bs=bs)
-    tile = pl.BlockSpec((hb, rows, d),
-                        lambda i, *_: (lax.div(i, jnp.int32(nqb)), lax.rem(i, jnp.int32(nqb)), 0))
+        group=g, page_size=page_size, pages_per_seq=pps, head_groups=head_groups, bs=bs)
+    def tile_index(c, i, *_):
+        g = c * steps_per_core + i
+        return lax.div(g, jnp.int32(nqb)), lax.rem(g, jnp.int32(nqb)), 0
+
+    tile = pl.BlockSpec((hb, rows, d), tile_index)
     estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
                                    q_dtype=q.dtype, kv_dtype=k_pages.dtype)
     kv_item = jnp.dtype(k_pages.dtype).itemsize
@@ -413,7 +450,7 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
         out_shape=jax.ShapeDtypeStruct((hkv, t_pad * g, d), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(hkv // hb * nqb,),
+            grid=(cores, steps_per_core),
             in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
             out_specs=tile,
             scratch_shapes=[
@@ -424,10 +461,11 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, d), jnp.float32),
+                pltpu.SMEM((1,), jnp.int32),
             ],
         ),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel",),
+            dimension_semantics=("parallel", "arbitrary"),
             vmem_limit_bytes=_vmem_limit(estimate, chip),
             # Every DMA address is in bounds by construction (page indices and buffer offsets are
             # clamped), so the compiler's per-DMA runtime checks (~14 serial scalar bundles each)

@@ -22,7 +22,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops import paged_attention as pa_mod
 from pallas_ops.paged_attention import (
     PagedAttentionBlockSizes,
     check_paged_attention_inputs,
