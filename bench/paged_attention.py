@@ -46,11 +46,26 @@ def layout(shape) -> tuple[list[int], list[int]]:
     return [shape.q_len] * shape.num_seqs, [shape.kv_len] * shape.num_seqs
 
 
+def block_sizes():
+    """None (the chip's table entry), or env PALLAS_DFLASH_PA_BLOCKS="kv_tokens,kv_heads,q_tokens"
+    (0 = automatic) for block-size sweeps with `python -m bench static`."""
+    import os
+
+    from pallas_ops.paged_attention_block_sizes import PagedAttentionBlockSizes
+
+    override = os.environ.get("PALLAS_DFLASH_PA_BLOCKS")
+    if not override:
+        return None
+    kv_tokens, kv_heads, q_tokens = (int(x) for x in override.split(","))
+    return PagedAttentionBlockSizes(kv_tokens=kv_tokens, kv_heads=kv_heads or None,
+                                    q_tokens=q_tokens or None)
+
+
 def resolved_block_sizes(shape, chip: str):
     from pallas_ops.paged_attention_block_sizes import resolve
 
     q_lens, _ = layout(shape)
-    return resolve(None, chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,
+    return resolve(block_sizes(), chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,
                    num_kv_heads=shape.num_kv_heads,
                    group=shape.num_q_heads // shape.num_kv_heads, page_size=shape.page_size,
                    pages_per_seq=shape.pages_per_seq)
@@ -71,7 +86,7 @@ def build(shape, *, chip: str = "v5p"):
     args = (S((t, hq, d), dt), S((hkv, s * pps, ps, d), dt), S((hkv, s * pps, ps, d), dt),
             S((s,), jnp.int32), S((s, pps), jnp.int32), S((s + 1,), jnp.int32),
             S((1,), jnp.int32))
-    fn = functools.partial(paged_attention, interpret=False, chip=chip)
+    fn = functools.partial(paged_attention, interpret=False, chip=chip, block_sizes=block_sizes())
     return fn, args
 
 
