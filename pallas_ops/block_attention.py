@@ -38,6 +38,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_ops.block_attention_append import append_context
 from pallas_ops.block_attention_block_sizes import BlockAttentionBlockSizes, get_block_sizes
 from pallas_ops.block_attention_checks import (
+    CACHE_ROW_MULTIPLE,
     check_block_attention_inputs,
     check_lengths,
     check_static,
@@ -263,6 +264,7 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
       k_block:  [B, bs, Hkv, D] same dtype, the block's own keys; Hq % Hkv == 0.
       v_block:  [B, bs, Hkv, D] same dtype, the block's own values.
       k_cache:  [B, Hkv, S_max, D] same dtype, static context keys; rows >= ctx_lens[b] unused.
+        S_max must be a multiple of 8 (cache rows are DMA'd in whole (8, 128) HBM tiles).
       v_cache:  [B, Hkv, S_max, D] same dtype, static context values.
       ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
       sm_scale: softmax scale (default 1/sqrt(D)).
@@ -277,7 +279,8 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
       [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation). D must be 64, 128 or 256.
     """
     B, bs, Hq, Hkv, S_max, D = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
-                                            sliding_window=sliding_window)
+                                            sliding_window=sliding_window,
+                                            row_multiple=CACHE_ROW_MULTIPLE)
     if validate or is_host_value(ctx_lens):
         check_lengths(S_max, ctx_lens)
     if chip is None:

@@ -19,10 +19,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops.block_attention_checks import check_append_static, check_lengths, is_host_value
+from pallas_ops.block_attention_checks import (
+    CACHE_ROW_MULTIPLE,
+    check_append_static,
+    check_lengths,
+    is_host_value,
+)
 from pallas_ops.execution import resolve_interpret
 
-CHUNK_ROWS = 16   # the bf16 sublane tile; also a multiple of the f32 one (8)
+CHUNK_ROWS = 16   # rows per read-modify-write chunk: a multiple of the 8-row HBM tile
 
 
 def _append_kernel(
@@ -103,8 +108,8 @@ def append_context(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, *, interpret
     """Append new context K/V to the static draft cache in place (Pallas TPU).
 
     Args:
-      k_cache, v_cache: [B, Hkv, S_max, D] bf16/f32; aliased to the outputs (donate them under
-        jit for a true in-place update).
+      k_cache, v_cache: [B, Hkv, S_max, D] bf16/f32, S_max a multiple of 8; aliased to the
+        outputs (donate them under jit for a true in-place update).
       k_new, v_new: [B, n_max, Hkv, D] same dtype; row t of sequence b goes to cache row
         ctx_lens[b] + t for t < n_new[b].
       ctx_lens: [B] int32, rows already valid (the write offset).
@@ -114,7 +119,8 @@ def append_context(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, *, interpret
     Returns:
       (k_cache, v_cache) with the rows written; lengths are not updated.
     """
-    _, _, S_max, _, n_max = check_append_static(k_cache, v_cache, k_new, v_new, ctx_lens, n_new)
+    _, _, S_max, _, n_max = check_append_static(k_cache, v_cache, k_new, v_new, ctx_lens, n_new,
+                                                row_multiple=CACHE_ROW_MULTIPLE)
     if validate or (is_host_value(ctx_lens) and is_host_value(n_new)):
         check_lengths(S_max, ctx_lens, n_new, n_max=n_max)
     return _append(k_cache, v_cache, k_new, v_new, jnp.asarray(ctx_lens), jnp.asarray(n_new),

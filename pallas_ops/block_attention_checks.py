@@ -13,6 +13,7 @@ import numpy as np
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+CACHE_ROW_MULTIPLE = 8   # the Pallas kernels need S_max % 8 == 0 (HBM row tiling)
 MAX_BLOCK_SIZE = 64
 
 
@@ -27,8 +28,15 @@ def _dtype(x):
     return jnp.dtype(x.dtype)
 
 
+def _check_capacity(S_max, row_multiple):
+    if row_multiple > 1 and S_max % row_multiple:
+        raise ValueError(f"k_cache capacity S_max={S_max} must be a multiple of {row_multiple}: "
+                         "the Pallas kernels DMA cache rows in (8, 128)-tiled HBM layout, where "
+                         "slices must be whole row tiles")
+
+
 def check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sliding_window=None,
-                 head_dims=SUPPORTED_HEAD_DIMS):
+                 head_dims=SUPPORTED_HEAD_DIMS, row_multiple=1):
     """Static checks of `block_attention`'s inputs; returns (B, bs, Hq, Hkv, S_max, D)."""
     B, bs, Hq, D = _shape("q", q, 4)
     Bk, bsk, Hkv, Dk = _shape("k_block", k_block, 4)
@@ -45,6 +53,7 @@ def check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sliding_win
         raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
     if S_max < 1:
         raise ValueError(f"k_cache capacity S_max must be >= 1, got {S_max}")
+    _check_capacity(S_max, row_multiple)
     if _shape("ctx_lens", ctx_lens, 1) != (B,):
         raise ValueError(f"ctx_lens shape {ctx_lens.shape} must be [B] = [{B}]")
     if _dtype(ctx_lens) != jnp.dtype(jnp.int32):
@@ -69,11 +78,13 @@ def check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sliding_win
     return B, bs, Hq, Hkv, S_max, D
 
 
-def check_append_static(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, *, head_dims=None):
+def check_append_static(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, *, head_dims=None,
+                        row_multiple=1):
     """Static checks of `append_context`'s inputs; returns (B, Hkv, S_max, D, n_max)."""
     B, Hkv, S_max, D = _shape("k_cache", k_cache, 4)
     if tuple(v_cache.shape) != tuple(k_cache.shape):
         raise ValueError(f"v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    _check_capacity(S_max, row_multiple)
     _, n_max, _, _ = _shape("k_new", k_new, 4)
     if tuple(k_new.shape) != (B, n_max, Hkv, D):
         raise ValueError(f"k_new shape {k_new.shape} must be [B, n_max, Hkv, D] = "
@@ -129,14 +140,16 @@ def check_lengths(S_max, ctx_lens, n_new=None, *, n_max=None):
 
 
 def check_block_attention_inputs(q, k_block, v_block, k_cache, v_cache, ctx_lens, *,
-                                 sliding_window=None, n_new=None, head_dims=SUPPORTED_HEAD_DIMS):
+                                 sliding_window=None, n_new=None, head_dims=SUPPORTED_HEAD_DIMS,
+                                 row_multiple=CACHE_ROW_MULTIPLE):
     """Host-side check of every static and dynamic fact `block_attention` relies on.
 
     With `n_new` ([B] int32) also checks that appending n_new rows at ctx_lens fits the cache.
     Raises ValueError on the first violation; returns None.
     """
     _, _, _, _, S_max, _ = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
-                                        sliding_window=sliding_window, head_dims=head_dims)
+                                        sliding_window=sliding_window, head_dims=head_dims,
+                                        row_multiple=row_multiple)
     check_lengths(S_max, ctx_lens)
     if n_new is not None:
         check_lengths(S_max, ctx_lens, n_new)

@@ -72,7 +72,7 @@ def xla_case(draw):
 
 
 @given(xla_case(), st.integers(0, 2**31 - 1))
-@settings(max_examples=25)
+@settings(max_examples=10)
 def test_xla_matches_reference(case, seed):
     shape, window = case
     args = make_inputs(seed, **shape)
@@ -128,8 +128,8 @@ def kernel_case(draw):
     G = draw(st.sampled_from([1, 2, 4, 8]))
     D = draw(st.sampled_from([64, 128, 256]))
     # Capacities around the 128-row tile: shorter than a tile, exact multiples, ragged ends
-    # (not even a multiple of the sublane tile).
-    S_max = draw(st.sampled_from([5, 128, 200, 256, 300, 384]))
+    # (S_max % 128 in {8, 40, 72}: a short last DMA chunk).
+    S_max = draw(st.sampled_from([8, 128, 200, 256, 296, 384]))
     edges = sorted({0, 1, 127, 128, 129, 255, 256, 257, S_max - 1, S_max} & set(range(S_max + 1)))
     ctx = draw(st.lists(st.one_of(st.sampled_from(edges), st.integers(0, S_max)),
                         min_size=B, max_size=B))
@@ -141,7 +141,6 @@ def kernel_case(draw):
 
 
 @given(kernel_case(), st.integers(0, 2**31 - 1))
-@settings(max_examples=16)
 def test_kernel_matches_reference(case, seed):
     shape, window, block_sizes = case
     args = make_inputs(seed, **shape)
@@ -149,18 +148,17 @@ def test_kernel_matches_reference(case, seed):
     check_against_reference(out, args, dtype=shape["dtype"], sliding_window=window)
 
 
-@pytest.mark.parametrize("ctx_tile", [128, 256])
-def test_kernel_sm_scale_and_tile_sizes(ctx_tile):
+def test_kernel_sm_scale_and_longer_tiles():
     shape = dict(B=2, bs=10, Hq=8, Hkv=2, D=128, S_max=640, ctx_lens=[513, 640],
                  dtype=jnp.float32)
     args = make_inputs(3, **shape)
     out = block_attention(*args, sm_scale=0.3,
-                          block_sizes=BlockAttentionBlockSizes(ctx_tile=ctx_tile))
+                          block_sizes=BlockAttentionBlockSizes(ctx_tile=256))
     check_against_reference(out, args, dtype=jnp.float32, sm_scale=0.3)
 
 
-def _append_inputs(seed, dtype, *, B=3, Hkv=2, D=64, S_max=300, n_max=21,
-                   ctx=(0, 7, 279), n_new=(21, 0, 21)):
+def _append_inputs(seed, dtype, *, B=3, Hkv=2, D=64, S_max=296, n_max=21,
+                   ctx=(0, 7, 275), n_new=(21, 0, 21)):
     ctx = np.asarray(ctx, np.int32)
     n_new = np.asarray(n_new, np.int32)
     args = make_inputs(seed, B=B, bs=4, Hq=2 * Hkv, Hkv=Hkv, D=D, S_max=S_max, ctx_lens=ctx,
@@ -189,10 +187,10 @@ def test_append_then_attend(dtype):
 
 
 @given(st.data())
-@settings(max_examples=8)
+@settings(max_examples=6)
 def test_append_property(data):
     B = data.draw(st.integers(1, 4))
-    S_max = data.draw(st.sampled_from([16, 40, 128, 129]))
+    S_max = data.draw(st.sampled_from([16, 40, 128, 136]))
     n_max = data.draw(st.integers(1, min(S_max, 40)))
     ctx, n_new = [], []
     for _ in range(B):
@@ -224,7 +222,7 @@ def _races_found():
 @pytest.mark.parametrize("mode", ["on_wait", "eager"])
 @pytest.mark.parametrize("window", [None, 150])
 def test_no_races(mode, window):
-    shape = dict(B=2, bs=10, Hq=4, Hkv=2, D=64, S_max=300, ctx_lens=[300, 129],
+    shape = dict(B=2, bs=10, Hq=4, Hkv=2, D=64, S_max=296, ctx_lens=[296, 129],
                  dtype=jnp.bfloat16)
     args = make_inputs(7, **shape)
     out = block_attention(*args, sliding_window=window, block_sizes=SMALL,
@@ -267,6 +265,10 @@ def test_static_errors():
         block_attention(q, kb, vb, kc, vc, cl, block_sizes=(128, 2))
     with pytest.raises(ValueError, match="ctx_tile"):
         BlockAttentionBlockSizes(ctx_tile=100)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        block_attention(*make_inputs(0, **{**ok, "S_max": 12}))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        append_context(kc[:, :, :6], vc[:, :, :6], kb, vb, cl, cl)
     with pytest.raises(ValueError, match="VMEM"):
         block_attention(q, kb, vb, kc, vc, cl,
                         block_sizes=BlockAttentionBlockSizes(ctx_tile=1 << 20))
@@ -312,18 +314,35 @@ def drafter_specs(B, bs, S_max=8192, dtype=jnp.bfloat16):
 
 @pytest.mark.tpu_compile
 @pytest.mark.parametrize("chip", CHIPS_UNDER_TEST)
-@pytest.mark.parametrize("B,bs,window", [(1, 16, None), (32, 16, None), (1, 10, None),
-                                         (32, 10, 2048)])
-def test_compiles_for_tpu(chip, B, bs, window):
+@pytest.mark.parametrize("B,bs", [(1, 16), (32, 16), (1, 10)])
+def test_compiles_for_tpu(chip, B, bs):
+    """Qwen3-8B drafter (bs 16, B 1 and 32) and Llama-3.1 drafter (bs 10) geometry, S_max 8192."""
+    compiled = aot_compile(lambda *a: block_attention(*a, interpret=False, chip=chip),
+                           *drafter_specs(B, bs), chip=chip)
+    assert "dflash_block_attention" in compiled.as_text()
+
+
+def _thorough_except(chip, keep="v5p"):
+    import os
+
+    if chip != keep and os.environ.get("PALLAS_DFLASH_PROFILE", "ci") != "thorough":
+        pytest.skip("other generations in the thorough profile only")
+
+
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("chip", CHIPS_UNDER_TEST)
+def test_compiles_for_tpu_window_and_ragged_capacity(chip):
+    """A sliding window, f32, and S_max % 128 == 8 (the short last DMA chunk)."""
+    _thorough_except(chip)
     compiled = aot_compile(
-        lambda *a: block_attention(*a, sliding_window=window, interpret=False, chip=chip),
-        *drafter_specs(B, bs), chip=chip)
+        lambda *a: block_attention(*a, sliding_window=2048, interpret=False, chip=chip),
+        *drafter_specs(8, 10, S_max=8200, dtype=jnp.float32), chip=chip)
     assert "dflash_block_attention" in compiled.as_text()
 
 
 @pytest.mark.tpu_compile
 @pytest.mark.parametrize("chip", CHIPS_UNDER_TEST)
-@pytest.mark.parametrize("B,n_max,S_max", [(1, 16, 8192), (32, 10, 8190)])
+@pytest.mark.parametrize("B,n_max,S_max", [(32, 16, 8200)])
 def test_append_compiles_for_tpu(chip, B, n_max, S_max):
     S = jax.ShapeDtypeStruct
     cache = S((B, 8, S_max, 128), jnp.bfloat16)
