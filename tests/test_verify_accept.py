@@ -454,3 +454,14 @@ def test_draft_probs_compiles_for_tpu(chip):
     compiled = aot_compile(functools.partial(_call, chip),
                            *_specs(8, 16, 151936, jnp.bfloat16, True, probs=True), chip=chip)
     assert "verify_accept" in compiled.as_text()
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_block_size_one(sampling):
+    """bs = 1: no drafts, the token is the target's argmax / sample at the block's position."""
+    logits, d, kw = make_case(31, 2, 1, 200, jnp.float32, sampling=sampling)
+    want = ref.verify_accept(logits, d, **kw)
+    jl, jd, jkw = _to_jnp(logits, d, kw, jnp.float32)
+    assert_same(verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(1, 128), **jkw), want)
+    assert_same(verify_accept_xla.verify_accept(jl, jd, **jkw), want)
+    assert (want.tokens[:, 0] >= 0).all()
