@@ -6,13 +6,14 @@ sample of softmax(logits / T) with the counter-based noise of `pallas_ops.rng`; 
 
 Kernel (`pl.pallas_call` named "verify_accept"): grid (sequence blocks, vocabulary tiles). Each
 step loads a [bb, bs, tv] tile of logits; per sequence and per 128-lane chunk it folds the scores
-into a running per-lane (max, argmax) kept in VMEM scratch (pure VPU work: no cross-lane reduction
-until the end), together with a NaN-propagating running max of the logits (NaN / all -inf
-detection). The tail tile is masked (entries >= V score -inf). In the last vocabulary step the
-lanes are reduced (lowest index on ties, as jnp.argmax), the accept scan runs and tokens are
-written. Blocks holding only padding sequences (>= num_seqs) map their DMAs onto the previous
-block (so nothing is fetched) and skip the compute. Blocks whose rows are all greedy skip the
-noise (a scalar-prefetched flag per block).
+into a running per-lane (max, chunk id) kept in VMEM scratch (pure VPU work: no cross-lane
+reduction until the end). The running max is taken with jnp.maximum, so a NaN logit leaves a NaN
+behind (NaN detection for free); a lane max of -inf over the whole row means every logit was -inf.
+The tail tile is masked (entries >= V score -inf). In the last vocabulary step the lanes are
+reduced (lowest index on ties, as jnp.argmax), the accept scan runs and tokens are written.
+Blocks holding only padding sequences (>= num_seqs) map their DMAs onto the last live block's
+last tile (so nothing is fetched) and skip the compute. Greedy sequences skip the noise (a
+scalar-prefetched flag per sequence), so a mixed batch pays for sampling only where T > 0.
 
 The draft_probs path runs the same single pass with an online log-sum-exp, then a small jnp step
 (`verify_accept_xla.finish_probs`): accept test u * q(d) < p(d), and at the first rejection a
