@@ -60,8 +60,12 @@ def default_block_sizes(B: int, bs: int, V: int, itemsize: int,
     if chip is None:
         chip = current_chip()
     tune = TUNING.get(chip, FALLBACK) if chip is not None else FALLBACK
-    # Largest divisor of B not above the cap: no partial sequence blocks.
-    bb = max(d for d in range(1, min(B, tune.max_seqs) + 1) if B % d == 0)
+    # Largest divisor of B not above the cap: no partial sequence blocks. On a megacore chip
+    # (v5p: two TensorCores share the "parallel" sequence-block axis) keep >= 2 blocks.
+    cap = min(B, tune.max_seqs)
+    if chip in CHIPS and CHIPS[chip].tensorcores > 1 and B > 1:
+        cap = min(cap, B // 2)
+    bb = max(d for d in range(1, cap + 1) if B % d == 0)
     sub = 16 if itemsize == 2 else 8
     row_bytes = bb * _round_up(bs, sub) * itemsize
     tile = max(LANES, (tune.step_bytes // row_bytes) // LANES * LANES)

@@ -179,6 +179,17 @@ def test_greedy_full_vocab(dtype):
     assert_same(verify_accept(jnp.asarray(logits, dtype), jnp.asarray(d)), want)
 
 
+def test_sampling_full_vocab():
+    """Sampling over 151936 entries: the noise of every tile, including the masked tail."""
+    logits, d, kw = make_case(4, 2, 2, 151936, jnp.bfloat16, mode="accept", sampling=True)
+    kw["temperature"][:] = [1.0, 0.5]
+    d = _samples(logits, kw["temperature"], kw["seed"], kw["position"])[:, :1]
+    want = ref.verify_accept(logits, d, **kw)
+    np.testing.assert_array_equal(want.num_accepted, [1, 1])
+    jl, jd, jkw = _to_jnp(logits, d, kw, jnp.bfloat16)
+    assert_same(verify_accept(jl, jd, **jkw), want)
+
+
 def test_nan_and_all_neg_inf_and_padding():
     logits, d, _ = make_case(2, 4, 3, 300, jnp.float32, mode="accept")
     logits[1, 2, 299] = np.nan          # in the masked tail tile
