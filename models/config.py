@@ -166,6 +166,15 @@ def draft_config_from_dict(d: dict[str, Any]) -> DraftConfig:
         return dflash.get(name, d.get(name, default))
 
     geo = _geometry(d)
+    # z-lab options this draft does not implement. (`output_multiplier` > 0 and
+    # `final_logit_softcapping` leave the greedy drafts unchanged, so they are accepted.)
+    if float(get("input_embedding_scale", 1.0)) != 1.0:
+        raise ValueError("draft input_embedding_scale != 1 is not supported")
+    if float(get("output_multiplier", 1.0)) <= 0:
+        raise ValueError("draft output_multiplier must be positive")
+    if any(k in dflash for k in ("selector_rank", "conv_kernel_size")):
+        raise ValueError("DFlash2 drafts (candidate selector, dynamic convolutions) are not "
+                         "supported")
     num_target_layers = get("num_target_layers")
     ids = get("target_layer_ids")
     if ids is None:

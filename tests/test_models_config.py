@@ -115,6 +115,16 @@ def test_bad_target_configs(change, match):
         target_config_from_dict(dict(LLAMA31_8B, **change))
 
 
+def test_zlab_dflash2_fixture_config_is_refused():
+    """The DFlash2 fixture config of z-lab's repository (sliding layers, candidate selector)."""
+    d = dict(QWEN3_8B_DFLASH, is_causal=False, sliding_window=2048,
+             layer_types=["sliding_attention"] * 5,
+             dflash_config={"block_size": 16, "conv_kernel_size": 2, "selector_rank": 256,
+                            "mask_token_id": 1, "target_layer_ids": [1, 13, 25, 37, 49]})
+    with pytest.raises(ValueError, match="DFlash2"):
+        draft_config_from_dict(d)
+
+
 def test_bad_draft_configs():
     d = json.loads(json.dumps(QWEN3_8B_DFLASH))
     del d["dflash_config"]["mask_token_id"]

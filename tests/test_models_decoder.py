@@ -216,18 +216,39 @@ def test_paged_target_forward_matches_dense():
         assert list(np.asarray(dense_next)[len(p) - 1:len(p) + len(toks) - 1]) == toks
 
 
-def test_draft_cached_forward_matches_dense():
+def test_llama_target_paged_matches_dense():
+    """A Llama-3 style target (no q/k norm, llama3 RoPE scaling, tied embeddings)."""
+    from models.config import RopeScaling
+
+    cfg = tiny_target_config(model_type="llama", qk_norm=False, num_layers=2,
+                             tie_word_embeddings=True, rope_theta=500000.0,
+                             rope_scaling=RopeScaling(8.0, 1.0, 4.0, 16))
+    llama = perturb_norms(TargetModel(cfg, rngs=nnx.Rngs(4)), seed=5)
+    prompt = [int(t) for t in np.random.default_rng(8).integers(0, 95, 29)]
+    out = generate_autoregressive(llama, [prompt], max_new_tokens=12, backend="xla",
+                                  poison=True)
+    h, _ = nnx.jit(TargetModel.dense_forward)(llama, jnp.asarray([prompt + out.tokens[0]]))
+    dense_next = np.asarray(jnp.argmax(llama.logits(h[0]), -1))
+    assert list(dense_next[len(prompt) - 1:-1]) == out.tokens[0]
+
+
+@pytest.mark.parametrize("windows", [None, (6, None)], ids=["full", "sliding"])
+def test_draft_cached_forward_matches_dense(windows):
     """The draft over its static cache (append_context + block_attention) == the z-lab formula
-    computed densely on [context ; block]."""
+    computed densely on [context ; block] (also with a sliding-window layer)."""
     from models.ops import get_ops
     from models.kv_cache import make_context_cache
 
     ops = get_ops("xla")
+    draft = DRAFT
+    if windows:
+        draft = DraftModel(tiny_draft_config(TCFG, sliding_windows=windows), rngs=nnx.Rngs(2))
+        nnx.update(draft, nnx.state(DRAFT))
     rng = np.random.default_rng(1)
     b, c, bs = 3, 21, 10
     feats = jnp.asarray(rng.standard_normal((b, c, 2 * TCFG.hidden_size)), jnp.float32)
     blk = jnp.asarray(rng.standard_normal((b, bs, TCFG.hidden_size)), jnp.float32)
-    cfg = DRAFT.config
+    cfg = draft.config
     n1 = jnp.asarray([7, 13, 21], jnp.int32)
 
     @nnx.jit
@@ -244,8 +265,11 @@ def test_draft_cached_forward_matches_dense():
         got = draft(blk, bpos, caches, jnp.full(b, c, jnp.int32), ops=ops)
         return got, draft.dense_forward(feats, blk, c)
 
-    got, want = both(DRAFT, feats, blk)
+    got, want = both(draft, feats, blk)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
+    if windows:     # the window really changes the result
+        full = nnx.jit(lambda d, f, b: d.dense_forward(f, b, c))(DRAFT, feats, blk)
+        assert not np.allclose(np.asarray(full), np.asarray(want), atol=1e-3)
 
 
 def test_bad_input():
