@@ -22,8 +22,8 @@ B x bs x V).
 
 Static schedule (libtpu 0.0.42.1 bundle dumps, v5p, B=64 bs=16 V=151936 bf16, one 2 MiB grid
 step = 8 sequences x 8192 vocab = 2659 HBM cycles per TensorCore; `python -m bench static
---kernel verify_accept`): greedy 2025 bundles (0.76x: HBM-bound; the inner fold is 27 bundles
-per 8 x 16 x 128 logits), one-hot sampling 7573 (2.85x: VALU-bound, ~24 VALU ops per logit for
+--kernel verify_accept`): greedy 2011 bundles (0.76x: HBM-bound; the inner fold is 27 bundles
+per 8 x 16 x 128 logits), one-hot sampling 7200 (2.71x: VALU-bound, ~22 VALU ops per logit for
 hash + uniform + Gumbel; the EUP takes 2 pushes per 1024 logits, far from its limit), draft_probs
 pass 10852 (4.1x). NaN detection relies on jnp.maximum propagating NaN: Mosaic emits vmax.f32,
 the same instruction XLA emits for its NaN-propagating HLO max on TPU.
@@ -155,7 +155,10 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
             for c in range(unroll):
                 x = load(b, g0, c, masked)
                 y = x * invt
-                s = y + rng.gumbel(rng.bits_premul(key, imul))   # imul = index * INDEX_MUL
+                # y + gumbel = y - log(-log(u)), written so no separate negation is emitted;
+                # imul = index * INDEX_MUL (stepped, not multiplied).
+                u = rng.uniform(rng.bits_premul(key, imul))
+                s = y - jnp.log(-jnp.log(u))
                 imul = imul + step
                 if with_lse:
                     n = jnp.maximum(n, y)
@@ -300,8 +303,8 @@ def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpr
     itemsize = jnp.dtype(logits.dtype).itemsize
     n = B * bs * V
     # VALU ops per logit read from the v5p schedule: ~4 greedy (unpack, compare, max, select),
-    # ~24 sampling (hash 10, uniform 4, two logs' fix-ups 4, fold 4, scale, add), +5 for the lse.
-    per_elem = 4 + (20 if sampling else 0) + (5 if with_lse else 0)
+    # ~22 sampling (hash 9, uniform 2, the two logs 4, fold 4, unpack, scale, sub), +5 for lse.
+    per_elem = 4 + (18 if sampling else 0) + (5 if with_lse else 0)
     cost = pl.CostEstimate(
         flops=per_elem * n,
         transcendentals=(2 * n if sampling else 0) + (n if with_lse else 0),
