@@ -117,25 +117,33 @@ def hbm_bytes(shape) -> int:
     return kv + qo
 
 
-def kernel_steps(shape, chip: str) -> tuple[int, int]:
-    """(KV-block steps over the whole call, grid steps), following the kernel's work list."""
+def kernel_steps(shape, chip: str) -> tuple[int, int, int]:
+    """(KV-block steps, grid steps, row sub-tile updates) of the whole call, following the
+    kernel's work list."""
+    from pallas_ops.chips import CHIPS
+
     bs = resolved_block_sizes(shape, chip)
     q_lens, kv_lens = layout(shape)
+    g = shape.num_q_heads // shape.num_kv_heads
     cu = [0]
     for n in q_lens:
         cu.append(cu[-1] + n)
-    t = cu[-1]
-    nqb = -(-t // bs.q_tokens)
-    steps = 0
+    nqb = -(-cu[-1] // bs.q_tokens)
+    steps = subtiles = 0
     for qb in range(nqb):
         lo, hi = qb * bs.q_tokens, (qb + 1) * bs.q_tokens
         for s, kv in enumerate(kv_lens):
             if cu[s] < hi and cu[s + 1] > lo and cu[s + 1] > cu[s]:
                 last_pos = kv - cu[s + 1] + min(cu[s + 1], hi) - 1
-                pages = last_pos // shape.page_size + 1
-                steps += -(-pages // bs.pages_per_block)
+                blocks = -(-(last_pos // shape.page_size + 1) // bs.pages_per_block)
+                r_lo, r_hi = (max(cu[s], lo) - lo) * g, (min(cu[s + 1], hi) - lo) * g
+                steps += blocks
+                subtiles += blocks * ((r_hi - 1) // bs.sub_rows - r_lo // bs.sub_rows + 1)
     head_groups = shape.num_kv_heads // bs.kv_heads
-    return steps * head_groups, nqb * head_groups
+    cores = CHIPS[chip].tensorcores
+    grid = head_groups * nqb
+    grid += (-grid) % cores
+    return steps * head_groups, grid, subtiles * head_groups
 
 
 def main_loop(shape, *, chip: str = "v5p"):
@@ -144,7 +152,17 @@ def main_loop(shape, *, chip: str = "v5p"):
     from pallas_ops.chips import CHIPS
 
     bs = resolved_block_sizes(shape, chip)
-    iterations, grid_steps = kernel_steps(shape, chip)
+    iterations, grid_steps, subtiles = kernel_steps(shape, chip)
+    # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops`): the
+    # next block's prefetch and its unrolled page-DMA starts run; the tail-block page loops
+    # (start, and wait, each behind a branch and a trip-count guard) and the V sanitising of
+    # a tail block are jumped over. A q tile taller than one matmul adds the loop over the row
+    # sub-tiles a pair owns (behind its own trip-count guard).
+    inner_trips = (0, 0)
+    taken = (False, False, True, True, True, True, True)
+    if bs.sub_rows < bs.q_rows:
+        inner_trips += (max(1, round(subtiles / iterations)),)
+        taken += (False,)
     return MainLoop(
         call_name=CALL_NAME,
         bytes_per_iteration=2 * bs.kv_heads * bs.kv_tokens * shape.head_dim
@@ -152,12 +170,8 @@ def main_loop(shape, *, chip: str = "v5p"):
         iterations=iterations,
         cores=CHIPS[chip].tensorcores if grid_steps > 1 else 1,
         outer_iterations=grid_steps,
-        # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops`): the
-        # next block's prefetch and its unrolled page-DMA starts run; the tail-block page loops
-        # (start, and wait, each behind a branch and a trip-count guard) and the V sanitising of
-        # a tail block are jumped over.
-        inner_trips=(0, 0),
-        taken_branches=(False, False, True, True, True, True, True),
+        inner_trips=inner_trips,
+        taken_branches=taken,
     )
 
 

@@ -251,39 +251,60 @@ def _attention_kernel(
                 v = v_buf[buf_slot, h]
                 v_buf[buf_slot, h] = jnp.where(col < valid_end, v, jnp.zeros_like(v))
 
-    def compute_block(w, b, buf_slot):
-        seq, first, _ = block_pages(w, b)
+    sub_rows = bs.sub_rows
+
+    def compute_rows(r0, seq, first, buf_slot):
+        """Online-softmax update of q rows r0 : r0 + sub_rows with the block's keys."""
         q_lo, q_hi = cu_q_lens_ref[seq], cu_q_lens_ref[seq + 1]
         off = kv_lens_ref[seq] - q_hi                     # query position = off + token
         base = first * page_size                          # key position of column 0
-        row_tok = qb * bs.q_tokens + lax.div(lax.broadcasted_iota(jnp.int32, (q_rows, 1), 0),
-                                             jnp.int32(group))
-        row_ok = (row_tok >= q_lo) & (row_tok < q_hi)     # [q_rows, 1]
+        rows = pl.ds(r0, sub_rows)
+        row_tok = qb * bs.q_tokens + lax.div(
+            r0 + lax.broadcasted_iota(jnp.int32, (sub_rows, 1), 0), jnp.int32(group))
+        row_ok = (row_tok >= q_lo) & (row_tok < q_hi)     # [sub_rows, 1]
         # key position - query token; causal: kp <= off + t  <=>  kp - t <= off
-        diff = base + lax.broadcasted_iota(jnp.int32, (q_rows, kv_tokens), 1) - row_tok
+        diff = base + lax.broadcasted_iota(jnp.int32, (sub_rows, kv_tokens), 1) - row_tok
         mask = row_ok & (diff <= off)
         if sliding_window is not None:
             mask = mask & (diff > off - sliding_window)
 
         for h in range(hb):
-            s = lax.dot_general(qs_ref[h], k_buf[buf_slot, h], (((1,), (1,)), ((), ())),
-                                preferred_element_type=jnp.float32)   # [q_rows, kv_tokens]
+            s = lax.dot_general(qs_ref[h, rows], k_buf[buf_slot, h], (((1,), (1,)), ((), ())),
+                                preferred_element_type=jnp.float32)   # [sub_rows, kv_tokens]
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             s = jnp.where(mask, s, NEG_INF)
-            # Running stats stay lane-replicated [q_rows, 128]: widening them to the key or head
-            # dim is then a free vreg repeat instead of a lane broadcast.
-            m_prev, l_prev = m_ref[h], l_ref[h]                        # [q_rows, 128]
+            # Running stats stay lane-replicated [sub_rows, 128]: widening them to the key or
+            # head dim is then a free vreg repeat instead of a lane broadcast.
+            m_prev, l_prev = m_ref[h, rows], l_ref[h, rows]
             m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
             m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
             p = jnp.exp(s - _lanes(m_safe, kv_tokens))
             alpha = jnp.exp(m_prev - m_safe)
             l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
             pv = lax.dot_general(p.astype(cdt), v_buf[buf_slot, h], (((1,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)  # [q_rows, D]
-            acc_ref[h] = _lanes(alpha, head_dim) * acc_ref[h] + pv
-            m_ref[h] = m_new
-            l_ref[h] = l_new
+                                 preferred_element_type=jnp.float32)  # [sub_rows, D]
+            acc_ref[h, rows] = _lanes(alpha, head_dim) * acc_ref[h, rows] + pv
+            m_ref[h, rows] = m_new
+            l_ref[h, rows] = l_new
+
+    def compute_block(w, b, buf_slot):
+        seq, first, _ = block_pages(w, b)
+        if sub_rows == q_rows:
+            compute_rows(0, seq, first, buf_slot)
+            return
+        # Only the row sub-tiles holding this sequence's rows: in a ragged q block (decode and
+        # verify rows beside a prefill chunk) a pair does not pay for the whole tile.
+        t0 = qb * bs.q_tokens
+        r_lo = (jnp.maximum(cu_q_lens_ref[seq], t0) - t0) * group
+        r_hi = (jnp.minimum(cu_q_lens_ref[seq + 1], t0 + bs.q_tokens) - t0) * group
+        sub = jnp.int32(sub_rows)
+
+        def one(st, carry):
+            compute_rows(pl.multiple_of(st * sub_rows, sub_rows), seq, first, buf_slot)
+            return carry
+
+        lax.fori_loop(lax.div(r_lo, sub), lax.div(r_hi - 1, sub) + 1, one, 0)
 
     # The first KV block of this step: already in flight (prefetched by the previous step on
     # this core) unless this is the core's first step.

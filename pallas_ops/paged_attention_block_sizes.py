@@ -42,6 +42,7 @@ class ResolvedBlockSizes:
     kv_heads: int
     q_tokens: int
     q_rows: int               # q_tokens * G
+    sub_rows: int             # rows per matmul: a pair computes only the sub-tiles it owns
 
 
 # Per generation: the table's defaults (kv_heads / q_tokens resolved per call in `resolve`).
@@ -54,6 +55,9 @@ FALLBACK = PagedAttentionBlockSizes(kv_tokens=512)
 
 # Upper bound on the rows of the packed q tile (q_tokens * G) when q_tokens is chosen here.
 MAX_Q_ROWS = 256
+# Rows of one matmul when the q tile is taller: a (q block, sequence) pair computes only the
+# sub-tiles holding its rows.
+SUB_ROWS = 64
 
 
 def default_block_sizes(chip: str | None = None) -> PagedAttentionBlockSizes:
@@ -107,5 +111,7 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
         kv_heads = block_sizes.kv_heads
     if num_kv_heads % kv_heads:
         raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
+    q_rows = q_tokens * group
+    sub_rows = SUB_ROWS if (q_rows > SUB_ROWS and q_rows % SUB_ROWS == 0) else q_rows
     return ResolvedBlockSizes(pages_per_block, pages_per_block * page_size, kv_heads, q_tokens,
-                              q_tokens * group)
+                              q_rows, sub_rows)

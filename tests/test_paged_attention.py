@@ -91,9 +91,10 @@ GEOMETRIES = [
     # G = 8, sliding window: pages outside the window are NaN
     Geometry("g8-bf16-d128-p16-window", 1, 8, 128, 16, "bfloat16", "bfloat16", 16, 4, 4,
              B(kv_tokens=32, q_tokens=2), sliding_window=20),
-    # prefill chunks up to 64 tokens spanning several q blocks; 8 sequence slots; f32 q, bf16 KV
+    # prefill chunks up to 64 tokens spanning q blocks of 64 tokens (128 rows: two 64-row
+    # sub-tiles, a pair computes only its own); 8 sequence slots; f32 q, bf16 KV
     Geometry("g2-mixed-d64-p16-prefill", 2, 2, 64, 16, "bfloat16", "float32", 80, 8, 6,
-             B(kv_tokens=48, q_tokens=16)),
+             B(kv_tokens=48, q_tokens=64)),
     # page 64, default block sizes (table fallback: 4 pages = 256 keys per block, the lane-repeat
     # path of production shapes), window + soft cap together
     Geometry("g4-f32-d128-p64-window-softcap", 1, 4, 128, 64, "float32", "float32", 24, 2, 4,
