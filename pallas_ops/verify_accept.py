@@ -25,7 +25,7 @@ step = 8 sequences x 8192 vocab = 2659 HBM cycles per TensorCore; `python -m ben
 --kernel verify_accept`): greedy 2011 bundles (0.76x: HBM-bound; the inner fold is 27 bundles
 per 8 x 16 x 128 logits), one-hot sampling 7200 (2.71x: VALU-bound, ~22 VALU ops per logit for
 hash + uniform + Gumbel; the EUP takes 2 pushes per 1024 logits, far from its limit), draft_probs
-pass 10852 (4.1x). NaN detection relies on jnp.maximum propagating NaN: Mosaic emits vmax.f32,
+pass 10406 (3.9x). NaN detection relies on jnp.maximum propagating NaN: Mosaic emits vmax.f32,
 the same instruction XLA emits for its NaN-propagating HLO max on TPU.
 """
 from __future__ import annotations
