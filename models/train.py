@@ -61,6 +61,29 @@ def make_optimizer(lr: float, total_steps: int, *, warmup: float = 0.04, clip: f
     return opt, sched
 
 
+def make_host_lr_optimizer(*, clip: float = 1.0, weight_decay: float = 0.01):
+    """The same AdamW + clipping with the learning rate set from the host every step
+    (`set_lr`), so the cosine schedule can follow a time budget (--minutes)."""
+    return optax.chain(optax.clip_by_global_norm(clip),
+                       optax.inject_hyperparams(optax.adamw)(
+                           learning_rate=0.0, b1=0.9, b2=0.95, weight_decay=weight_decay))
+
+
+def set_lr(opt_state, lr: float):
+    opt_state[1].hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
+    return opt_state
+
+
+def warmup_cosine(step: int, total: int, peak: float, *, warmup_steps: int,
+                  end_fraction: float = 0.05) -> float:
+    """Host-side learning rate: linear warmup to `peak`, cosine decay to peak*end_fraction."""
+    if step <= warmup_steps:
+        return peak * step / warmup_steps
+    frac = min(1.0, (step - warmup_steps) / max(1, total - warmup_steps))
+    end = peak * end_fraction
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
 # ------------------------------------------------------------------------------------------------
 # target pre-training
 
@@ -287,6 +310,9 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
     """The shared loop: steps, progress, periodic eval and checkpoints."""
     graphdef, state = nnx.split(model)
     opt_state = args._opt.init(state)
+    total = args.steps                 # with --minutes: re-estimated from the measured speed
+    warm = max(1, int(round(0.04 * args.steps)))
+    probe = min(12, max(3, args.steps // 20))
     t_start = time.perf_counter()
     t_compile = None
     hist = log_data.setdefault("eval", [])
@@ -302,33 +328,45 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
         _log(f"  eval @ {step}: " + " ".join(f"{k}={v}" for k, v in entry.items()
                                              if k not in ("step",)))
 
-    for step in range(1, args.steps + 1):
+    step = 0
+    while step < total:
+        step += 1
+        lr = warmup_cosine(step, total, args.lr, warmup_steps=warm)
+        opt_state = set_lr(opt_state, lr)
         batch = next_batch()
         state, opt_state, *metrics = step_fn(state, opt_state, *extra_eval_args, *batch)
         if step == 1:
             jax.block_until_ready(state)
             t_compile = time.perf_counter() - t_start
+        if args.minutes and step == probe:
+            jax.block_until_ready(state)
+            el = time.perf_counter() - t_start
+            rate = (probe - 1) / max(el - t_compile, 1e-9)
+            left = args.minutes * 60 - el - 30 * max(1, args.eval_batches) / 4
+            total = max(probe + 1, probe + int(left * rate * 0.97))
+            _log(f"--minutes {args.minutes}: {rate:.2f} step/s -> {total} steps")
+            log_data["steps_planned"] = total
         last.append([float(m) for m in metrics])
-        if step % args.log_every == 0 or step == args.steps:
+        if step % args.log_every == 0 or step == total:
             el = time.perf_counter() - t_start
             rate = (step - 1) / max(el - t_compile, 1e-9) if step > 1 else 0.0
-            eta = (args.steps - step) / rate if rate else 0.0
+            eta = (total - step) / rate if rate else 0.0
             m = np.mean(np.asarray(last), axis=0)
             last = []
             names = args._metric_names
-            _log(f"{_bar(step, args.steps)} {step}/{args.steps} "
+            _log(f"{_bar(step, total)} {step}/{total} "
                  + " ".join(f"{n}={v:.4f}" for n, v in zip(names, m))
-                 + f" lr={float(args._sched(step)):.2e} {rate:.2f} step/s "
+                 + f" lr={lr:.2e} {rate:.2f} step/s "
                  f"elapsed {el / 60:.1f}m eta {eta / 60:.1f}m")
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+        if args.eval_every and (step % args.eval_every == 0 or step == total):
             run_eval(step)
-        if args.save_every and step % args.save_every == 0 and step != args.steps:
+        if args.save_every and step % args.save_every == 0 and step != total:
             nnx.update(model, state)
             log_data["steps_done"] = step
             log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
             _save(model, args.out, log_data)
     nnx.update(model, state)
-    log_data["steps_done"] = args.steps
+    log_data["steps_done"] = total
     log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
     _save(model, args.out, log_data)
     _log(f"saved {args.out} after {log_data['train_seconds'] / 60:.1f} min")
@@ -352,10 +390,14 @@ def cmd_target(args):
                        num_heads=args.heads, num_kv_heads=args.kv_heads, head_dim=args.head_dim,
                        rms_norm_eps=1e-6, rope_theta=10000.0, qk_norm=True, model_type="qwen3",
                        tie_word_embeddings=False, max_position_embeddings=4096)
+    g = cfg.num_heads // cfg.num_kv_heads
+    if g not in (1, 2, 4, 8) or cfg.head_dim not in (64, 128, 256):
+        raise SystemExit(f"heads/kv-heads = {g} and head_dim {cfg.head_dim}: the kernels support "
+                         "groups 1, 2, 4, 8 and head dims 64, 128, 256")
     model = TargetModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
     # a smaller embedding scale than the default N(0, 1) trains faster
     model.embed_tokens.set_value(model.embed_tokens.get_value() * 0.05)
-    args._opt, args._sched = make_optimizer(args.lr, args.steps)
+    args._opt = make_host_lr_optimizer()
     args._metric_names = ("loss",)
     graphdef, _ = nnx.split(model)
     step, evaluate = make_target_step(graphdef, args._opt)
@@ -399,7 +441,7 @@ def cmd_draft(args):
                       target_layer_ids=ids, num_target_layers=tc.num_layers,
                       rms_norm_eps=tc.rms_norm_eps, rope_theta=tc.rope_theta)
     draft = DraftModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
-    args._opt, args._sched = make_optimizer(args.lr, args.steps)
+    args._opt = make_host_lr_optimizer()
     args._metric_names = ("loss", "tau_est")
     gd, _ = nnx.split(draft)
     gt, tstate = nnx.split(target)
@@ -420,8 +462,6 @@ def cmd_draft(args):
             lo = max(1, low - s)
             return (jnp.asarray(toks), jnp.asarray(sample_anchors(
                 rng, args.batch, args.seq_len, args.anchors, args.block_size, low=lo)))
-        if args.rollouts_seq_len_full:
-            pass
     else:
         corpus = train_data.load_corpus("train")
 
@@ -475,7 +515,11 @@ def build_parser():
 
     def common(q, *, lr, batch, seq_len, steps):
         q.add_argument("--out", required=True)
-        q.add_argument("--steps", type=int, default=steps)
+        q.add_argument("--steps", type=int, default=steps,
+                       help="optimizer steps (with --minutes: the estimate that sets the warmup)")
+        q.add_argument("--minutes", type=float, default=None,
+                       help="time budget: the step count (and so the cosine schedule) is set "
+                            "from the speed measured over the first steps")
         q.add_argument("--batch", type=int, default=batch)
         q.add_argument("--seq-len", type=int, default=seq_len)
         q.add_argument("--lr", type=float, default=lr)
@@ -487,10 +531,10 @@ def build_parser():
 
     t = sub.add_parser("target", help="pre-train a small target LM on the stdlib corpus")
     common(t, lr=2e-3, batch=16, seq_len=256, steps=2000)
-    t.add_argument("--layers", type=int, default=5)
+    t.add_argument("--layers", type=int, default=4)
     t.add_argument("--hidden", type=int, default=192)
-    t.add_argument("--heads", type=int, default=3)
-    t.add_argument("--kv-heads", type=int, default=1)
+    t.add_argument("--heads", type=int, default=4)
+    t.add_argument("--kv-heads", type=int, default=2)
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--intermediate", type=int, default=512)
     t.set_defaults(func=cmd_target)
@@ -511,7 +555,6 @@ def build_parser():
     d.add_argument("--anchor-min", type=int, default=None,
                    help="with --rollouts: earliest anchor position in a rollout (e.g. the "
                         "prompt length, to anchor only in generated text)")
-    d.add_argument("--rollouts-seq-len-full", action="store_true", help=argparse.SUPPRESS)
     d.set_defaults(func=cmd_draft)
 
     r = sub.add_parser("rollouts", help="greedy continuations of corpus windows by the target")
