@@ -77,8 +77,10 @@ class MainLoop:
     # The static span of the main loop counts every bundle once: both sides of a `pl.when` that
     # the compiler kept as a branch, and each nested loop's body once. Two optional fields
     # describe the hot path instead (both in the order `--loops` prints):
-    # inner_trips: iterations of each loop nested in the main loop per main-loop iteration
-    #     (e.g. a fori_loop over the pages of a block; 0 if the hot path skips it).
+    # inner_trips: for each loop nested in the main loop (at any depth, in schedule order), its
+    #     iterations per iteration of the loop directly enclosing it (e.g. a fori_loop over the
+    #     pages of a block; 0 if the hot path skips it). A loop the compiler duplicated (one copy
+    #     per side of a branch) appears once per copy.
     # taken_branches: for each forward branch inside the main loop, whether the hot path takes
     #     it (jumping over the code it guards, e.g. a tail-block fix-up).
 
