@@ -523,6 +523,8 @@ def markdown_table(results: list[Result]) -> str:
             notes.append(f"- {r.kernel} {r.shape} {r.chip}: {r.status}: {r.reason}")
             continue
         bpi = "-" if r.bundles_per_iteration is None else str(r.bundles_per_iteration)
+        if r.bundles_per_iteration != r.main_loop_static_bundles:  # a declared hot path
+            bpi += f" (span {r.main_loop_static_bundles})"
         hbm = "-" if r.hbm_cycles_per_iteration is None else f"{r.hbm_cycles_per_iteration:.0f}"
         if r.bound is None:
             bound = "-"
