@@ -135,6 +135,14 @@ class _Engine:
                 raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
         return prompts
 
+    def sync_weights(self) -> None:
+        """Pick up parameter values changed in the models since this decoder was built (the
+        decoder holds the parameter arrays it was given; flattening the models on every call
+        would cost milliseconds)."""
+        self._st = nnx.state(self.target)
+        if isinstance(self, SpeculativeDecoder):
+            self._sd = nnx.state(self.draft)
+
     # -- jit plumbing ----------------------------------------------------------------------------
     @property
     def trace_counts(self) -> collections.Counter:
@@ -260,9 +268,6 @@ class _Engine:
         `progress(tokens_generated, steps)` is called after every decode step.
         """
         prompts = self._check_request(prompts, max_new_tokens, temperature, queue)
-        self._st = nnx.state(self.target)             # pick up weights changed since __init__
-        if isinstance(self, SpeculativeDecoder):
-            self._sd = nnx.state(self.draft)
         eos = set() if eos_token_id is None else (
             {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer))
             else {int(e) for e in eos_token_id})
@@ -392,6 +397,9 @@ class SpeculativeDecoder(_Engine):
     far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
     model's proposals for that sequence (the draft model still runs and keeps its context, so its
     state can be checked). See `models.testing`.
+
+    The decoder holds the parameter arrays the models had when it was built: after changing the
+    weights, call `sync_weights()`.
     """
 
     def __init__(self, target: TargetModel, draft: DraftModel, *, max_batch: int,
@@ -517,7 +525,9 @@ def generate_autoregressive(target: TargetModel, prompts, *, max_new_tokens: int
     max_seq_len = max_seq_len or _next_pow2(max(len(p) for p in prompts) + max_new_tokens)
     key = (id(target), max_batch, max_seq_len, page_size, backend, poison)
     dec = _AR_DECODERS.get(key)
-    if dec is None or dec.target is not target:
+    if dec is not None and dec.target is target:
+        dec.sync_weights()
+    else:
         dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
                                     page_size=page_size, backend=backend, poison=poison)
         if len(_AR_DECODERS) >= 8:

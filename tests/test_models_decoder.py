@@ -314,3 +314,15 @@ def test_autoregressive_decoder_reuse():
     assert a.tokens == b.tokens == ar(prompts, 8).tokens
     assert dec.allocator.num_free == dec.num_pages
     assert isinstance(DraftConfig, type)
+
+
+def test_generate_autoregressive_sees_changed_weights():
+    """generate_autoregressive reuses its decoder per target; new weights must still be used."""
+    other = TargetModel(TCFG, rngs=nnx.Rngs(99))
+    prompts = make_prompts(np.random.default_rng(6), [7, 3])
+    before = ar(prompts, 10)
+    assert generate_autoregressive(other, prompts, max_new_tokens=10, max_batch=MAX_BATCH,
+                                   max_seq_len=MAX_TOTAL, poison=True).tokens != before.tokens
+    nnx.update(other, nnx.state(TARGET))
+    assert generate_autoregressive(other, prompts, max_new_tokens=10, max_batch=MAX_BATCH,
+                                   max_seq_len=MAX_TOTAL, poison=True).tokens == before.tokens
