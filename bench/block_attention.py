@@ -98,9 +98,10 @@ def main_loop(shape, *, chip: str = "v5p"):
         # Forward branches of the tile loop, in schedule order (libtpu of jax 0.10.2, checked
         # with `--loops`): the chunked DMA starts of a straddling next tile (+1 nested), then,
         # when B > 1, the last tile's prefetch of the next sequence's first tile (+2 nested),
-        # then the unmasked body and the masked body. An interior tile skips all but the
-        # unmasked body.
-        taken_branches=(True,) * (5 if shape.batch > 1 else 2) + (False, True),
+        # then the unmasked body, the masked body and the guard of its sub-tile loop. An
+        # interior tile skips all but the unmasked body, and never enters the sub-tile loop.
+        taken_branches=(True,) * (5 if shape.batch > 1 else 2) + (False, True, True),
+        inner_trips=(0,),
     )
 
 

@@ -20,8 +20,9 @@ Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbi
 - Online softmax in f32, in base 2 (q pre-scaled by sm_scale * log2 e). The block's own K/V (a small VMEM input) are folded in first, which
   gives every row a finite running max before any context tile, then the context tiles; the block
   K/V are never concatenated onto the cache in HBM.
-- Only the tile straddling ctx_len and sliding-window tiles run the masked path; interior tiles do
-  no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
+- Only the tile straddling ctx_len and a sliding window's edge tile run the masked path, in
+  512-row sub-tiles holding visible keys only (a 300-row context computes 512 rows, not a
+  whole tile); every other tile does no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
   below ctx_len (so at most DMA_CHUNK - 1 rows past ctx_len are ever read, never past S_max);
   DMA offsets stay aligned to the (8|16, 128) HBM tiling.
 """
@@ -51,7 +52,8 @@ __all__ = ["block_attention", "append_context", "BlockAttentionBlockSizes",
            "check_block_attention_inputs", "vmem_estimate"]
 
 
-DMA_CHUNK = 128   # granularity of the DMAs of the tile straddling ctx_len (rows)
+DMA_CHUNK = 128        # granularity of the DMAs of the tile straddling ctx_len (rows)
+MASKED_SUBTILE = 512   # rows per step of the masked path (straddling / sliding-window tiles)
 
 
 def _sublane(dtype) -> int:
@@ -113,6 +115,7 @@ def _block_attention_kernel(
 ):
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
+    SUB = min(MASKED_SUBTILE, tile)
     h0 = pl.program_id(0) * hb
     b = pl.program_id(1)
     num_b = pl.num_programs(1)
@@ -188,23 +191,41 @@ def _block_attention_kernel(
             s = jnp.where(col < bs, s, -jnp.inf)
         _online_update(h, s, vb_ref[h], m_ref, l_ref, acc_ref, first=True)
 
-    def process(slot, t, masked):
+    def process_full(slot):
+        """A tile wholly below ctx_len and wholly inside every row's window: no masking."""
         for h in range(hb):
-            k = kbuf[slot, h]                                               # [T, D]
-            v = vbuf[slot, h]                                               # [T, D]
-            s = _scores(q_ref[h], k)                                 # [R, T]
-            if masked:
-                # Keys at or past ctx_len (and buffer rows past a short last tile) hold
-                # anything, NaN included: mask their scores and zero their values.
-                j = t * tile + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
+            s = _scores(q_ref[h], kbuf[slot, h])                            # [R, T]
+            _online_update(h, s, vbuf[slot, h], m_ref, l_ref, acc_ref, first=False)
+
+    def process_masked(slot, t):
+        """The tile straddling ctx_len, or the sliding window's edge tile: SUB-row sub-tiles,
+        only those holding visible keys, with keys at or past ctx_len (NaN included) masked
+        and their values zeroed."""
+        lo = t * tile
+        u_end = jax.lax.div(jnp.minimum(ctx - lo, tile) + SUB - 1, SUB)
+        if window is None:
+            u0 = jnp.int32(0)
+        else:
+            u0 = jnp.minimum(jax.lax.div(jnp.maximum(ctx - window + 1 - lo, 0), SUB), u_end)
+
+        def sub(u, carry):
+            off = pl.multiple_of(u * SUB, SUB)
+            for h in range(hb):
+                k = kbuf[slot, h, pl.ds(off, SUB), :]                      # [SUB, D]
+                v = vbuf[slot, h, pl.ds(off, SUB), :]                      # [SUB, D]
+                s = _scores(q_ref[h], k)                                    # [R, SUB]
+                j = lo + off + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
                 ok = j < ctx
                 if window is not None:
                     row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
                     ok &= row < (j - ctx + window) * groups   # row // G <= j - ctx + W - 1
                 s = jnp.where(ok, s, -jnp.inf)
-                vj = t * tile + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
+                vj = lo + off + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
                 v = jnp.where(vj < ctx, v, jnp.zeros_like(v))
-            _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False)
+                _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False)
+            return carry
+
+        jax.lax.fori_loop(u0, u_end, sub, 0)
 
     def body(t, carry):
         slot = jax.lax.rem(base + t - t0, 2)
@@ -218,18 +239,20 @@ def _block_attention_kernel(
             prefetch_next(1 - slot)
 
         dma(b, ctx, t, slot, "wait")
-        if window is None:
-            needs_mask = (t + 1) * tile > ctx
+        # Masking is needed on the tile straddling ctx_len and, with a window, on tiles that
+        # reach down to the window's lower edge for the last block row: key j is visible to
+        # every row iff j > ctx + bs - 1 - W.
+        needs_mask = (t + 1) * tile > ctx
+        if window is not None:
+            needs_mask |= t * tile <= ctx + bs - 1 - window
 
-            @pl.when(jnp.logical_not(needs_mask))
-            def _():
-                process(slot, t, masked=False)
+        @pl.when(jnp.logical_not(needs_mask))
+        def _():
+            process_full(slot)
 
-            @pl.when(needs_mask)
-            def _():
-                process(slot, t, masked=True)
-        else:
-            process(slot, t, masked=True)
+        @pl.when(needs_mask)
+        def _():
+            process_masked(slot, t)
         return carry
 
     jax.lax.fori_loop(t0, t_end, body, 0)
