@@ -422,7 +422,9 @@ class SpeculativeDecoder(_Engine):
         self.draft = draft
         self._gd, self._sd = nnx.split(draft)
         d = draft.config
-        self.max_ctx = max_seq_len + self.block_size
+        # capacity: every committed position plus one block; a multiple of 16 rows (the Pallas
+        # kernels move cache rows in whole (8|16, 128) HBM tiles)
+        self.max_ctx = -(-(max_seq_len + self.block_size) // 16) * 16
         self.draft_cache = make_context_cache(d.num_layers, max_batch, d.num_kv_heads,
                                               self.max_ctx, d.head_dim, draft.dtype,
                                               float("nan") if poison else 0.0)
@@ -498,6 +500,9 @@ class SpeculativeDecoder(_Engine):
         result = {}
         for s in active:
             a = int(num_acc[s])
+            if tokens[s, a] < 0:
+                raise FloatingPointError(f"verify/accept rejected slot {s}'s target logits "
+                                         f"(NaN or all -inf) at position {lens[s]}")
             self.slot_tokens[s].extend([int(last[s])] + [int(t) for t in drafts[s, :a]])
             self.slot_len[s] += a + 1
             result[s] = [int(t) for t in tokens[s, :a + 1]]
