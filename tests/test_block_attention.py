@@ -141,6 +141,7 @@ def kernel_case(draw):
 
 
 @given(kernel_case(), st.integers(0, 2**31 - 1))
+@settings(max_examples=10)
 def test_kernel_matches_reference(case, seed):
     shape, window, block_sizes = case
     args = make_inputs(seed, **shape)
@@ -155,6 +156,18 @@ def test_kernel_sm_scale_and_longer_tiles():
     out = block_attention(*args, sm_scale=0.3,
                           block_sizes=BlockAttentionBlockSizes(ctx_tile=256))
     check_against_reference(out, args, dtype=jnp.float32, sm_scale=0.3)
+
+
+def test_window_interior_tile_runs_unmasked_and_default_block_sizes():
+    # W=200, ctx 384, bs 4, 128-row tiles: tile 0 is left of the window (not read), tile 1
+    # reaches the window's edge (masked), tile 2 is fully visible to every row (unmasked path).
+    shape = dict(B=1, bs=4, Hq=4, Hkv=1, D=64, S_max=384, ctx_lens=[384], dtype=jnp.float32)
+    args = make_inputs(11, **shape)
+    out = block_attention(*args, sliding_window=200, block_sizes=SMALL)
+    check_against_reference(out, args, dtype=jnp.float32, sliding_window=200)
+    # block_sizes=None off TPU: the fallback (1024-row tiles) on a 64-row cache.
+    args = make_inputs(12, **{**shape, "S_max": 64, "ctx_lens": [37]})
+    check_against_reference(block_attention(*args), args, dtype=jnp.float32)
 
 
 def _append_inputs(seed, dtype, *, B=3, Hkv=2, D=64, S_max=296, n_max=21,
