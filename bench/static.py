@@ -11,8 +11,12 @@ the kernel's main loop into a bound:
     predicted time      (iterations / cores) x bound cycles, plus the bundles outside the main
                         loop (per enclosing-loop iteration when known, and once), / clock
 
+bundles/iteration is the main loop's static span (every bundle once) unless the bench module
+declares the hot path (`MainLoop.taken_branches`, `MainLoop.inner_trips`); the table then shows
+the static span beside it.
+
 It ignores stalls (DMA waits that outlast the issue time, MXU result latency beyond the schedule,
-bank conflicts) and overlap between TensorCores' HBM traffic: it is a LOWER bound, to be checked
+bank conflicts) and contention between TensorCores for HBM: it is a LOWER bound, to be checked
 against wall-clock numbers when a TPU is available.
 
 The kernels' bench modules provide the facts the dump cannot (CONTRIBUTING.md, bench bullet):
@@ -577,6 +581,11 @@ def main(argv=None) -> int:
     p.add_argument("--keep-dumps", help="keep the final_bundles / allocation dumps in this dir")
     p.add_argument("--loops", action="store_true", help="also print every loop of each kernel")
     a = p.parse_args(argv)
+    version = static_parse.libtpu_version()
+    if version != static_parse.LIBTPU_VERSION_PINNED:
+        print(f"warning: libtpu {version} installed; the dump format was pinned on "
+              f"{static_parse.LIBTPU_VERSION_PINNED} (bench/static_parse.py): check the counts",
+              file=sys.stderr)
     if not a.all and not a.kernel:
         p.error("give --kernel NAME (repeatable) or --all")
     kernels = list(KERNELS) if a.all and not a.kernel else a.kernel

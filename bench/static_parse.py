@@ -6,6 +6,7 @@ With `LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR`, every compiled TPU op (a Pallas ke
     <id>-<instr>-<NN>-final_bundles.txt                        the final schedule (parsed here)
     <id>-<instr>-<NN>-schedule-analysis_final_bundles.txt      "total scheduled bundles: N"
     <id>-<instr>-<NN>-pre-finalize-registers-and-allocations.txt   the allocation table
+    <id>-<instr>-<NN>-final_hlo-static-per-bundle-utilization.txt  slots used per unit per bundle
 
 Format facts pinned for libtpu 0.0.42.1 (jax/jaxlib 0.10.2); it is libtpu's internal format and may
 change with its version (`tests/test_bench_static.py` checks them on a checked-in dump and on a
@@ -30,7 +31,9 @@ fresh compile):
   the back-branch's last delay slot: that is `Loop.bundles`. The marker `End region R` itself is
   NOT a reliable end: it can fall before the back-branch (jax's paged_attention: 9 bundles early)
   or between the branch and its delay slots; `Loop.region_bundles` (LB .. `End region R`) is kept
-  for comparison with hand counts.
+  for comparison with hand counts. `Loop.bundles` is the static span: code under a forward branch
+  (a `pl.when` the compiler did not if-convert) counts even when the branch jumps over it, and a
+  nested loop's body counts once; `Schedule.iteration_bundles` walks one path instead.
 - DMA issue ops are `dma.hbm_to_vmem`, `dma.vmem_to_hbm`, `dma.hbm_to_smem`, ...; waits are
   `dma.done.wait`. Bounds checks are `shalt.err` ops guarded by scalar compares (they are in the
   final program and cost issue slots). A bounds check's comment repeats the DMA it guards
@@ -50,6 +53,16 @@ import re
 
 DELAY_SLOTS = 4
 LIBTPU_VERSION_PINNED = "0.0.42.1"
+
+
+def libtpu_version() -> str | None:
+    """The installed libtpu's version (None if it is not installed)."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("libtpu")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 _BUNDLE_RE = re.compile(
     r"^\s*(0x[0-9a-fA-F]+|[0-9]+)\s+(?:(LH|LB|LE|PB|PF|CT):|:)\s*(>*)(.*)$")

@@ -303,6 +303,13 @@ def _require_libtpu():
     require_libtpu()
 
 
+def test_libtpu_version_is_the_pinned_one():
+    _require_libtpu()
+    assert static_parse.libtpu_version() == static_parse.LIBTPU_VERSION_PINNED, (
+        "libtpu changed: re-check the dump-format facts in bench/static_parse.py (DELAY_SLOTS, "
+        "line format, file names), regenerate tests/data with make_test_dump(), then re-pin")
+
+
 @pytest.mark.tpu_compile
 def test_minimal_loop_bundles_track_doubled_work(tmp_path):
     _require_libtpu()
