@@ -33,13 +33,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops.chips import CHIPS, MiB, current_chip
+from pallas_ops.chips import CHIPS, current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged_attention_block_sizes import (
     PagedAttentionBlockSizes,
     ResolvedBlockSizes,
     resolve,
 )
+from pallas_ops.paged_attention_plan import vmem_estimate_bytes, vmem_limit_bytes, work_list
 from pallas_ops.paged_attention_validation import (
     check_paged_attention_inputs,
     check_static_attention,
@@ -59,54 +60,6 @@ NEG_INF = float("-inf")
 
 def _cdiv(a, b):
     return (a + b - 1) // b
-
-
-# ------------------------------------------------------------------------------------------------
-# Work list (computed in the wrapper with jnp, scalar-prefetched into SMEM)
-# ------------------------------------------------------------------------------------------------
-
-def _work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size,
-               pages_per_block, sliding_window):
-    """Per q block: its (q block, sequence) pairs, and per pair the pages it needs.
-
-    Returns int32 arrays:
-      pair_start [NQB + 1]: pairs of q block qb are pair_start[qb] : pair_start[qb + 1]
-      pair_seq, pair_first_page, pair_num_pages, pair_num_blocks [W] (W = NQB + S)
-      block_steps [NQB]: number of (pair, KV block) steps of each q block
-    """
-    s_max = kv_lens.shape[0]
-    n = jnp.reshape(num_seqs, (-1,))[0]
-    seq_ids = jnp.arange(s_max, dtype=jnp.int32)
-    q_start, q_end = cu_q_lens[:-1], cu_q_lens[1:]
-    qb_start = jnp.arange(num_q_blocks, dtype=jnp.int32) * q_tokens          # [NQB]
-    qb_end = qb_start + q_tokens
-    overlap = ((seq_ids < n) & (q_end > q_start))[None, :] & (
-        q_start[None, :] < qb_end[:, None]) & (q_end[None, :] > qb_start[:, None])  # [NQB, S]
-    w_max = num_q_blocks + s_max
-    (flat,) = jnp.nonzero(overlap.reshape(-1), size=w_max, fill_value=0)
-    flat = flat.astype(jnp.int32)
-    pair_qb, pair_seq = flat // s_max, flat % s_max
-    counts = jnp.sum(overlap, axis=1, dtype=jnp.int32)
-    pair_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts, dtype=jnp.int32)])
-
-    # Query positions of the pair's rows: pos(t) = kv_len - q_end + t.
-    off = kv_lens[pair_seq] - q_end[pair_seq]
-    t_lo = jnp.maximum(q_start[pair_seq], qb_start[pair_qb])
-    t_hi = jnp.minimum(q_end[pair_seq], qb_end[pair_qb]) - 1
-    pos_lo, pos_hi = off + t_lo, off + t_hi
-    if sliding_window is None:
-        first_key = jnp.zeros_like(pos_lo)
-    else:
-        first_key = jnp.maximum(pos_lo - sliding_window + 1, 0)
-    first_page = first_key // page_size
-    num_pages = pos_hi // page_size - first_page + 1
-    valid = jnp.arange(w_max, dtype=jnp.int32) < pair_start[-1]
-    num_pages = jnp.where(valid, num_pages, 0)
-    first_page = jnp.where(valid, first_page, 0)
-    num_blocks = _cdiv(num_pages, pages_per_block)
-    steps = jax.ops.segment_sum(num_blocks, pair_qb, num_segments=num_q_blocks).astype(jnp.int32)
-    return (pair_start, pair_seq.astype(jnp.int32), first_page.astype(jnp.int32),
-            num_pages.astype(jnp.int32), num_blocks.astype(jnp.int32), steps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -350,16 +303,6 @@ def _attention_kernel(
         o_ref[h] = out.astype(o_ref.dtype)
 
 
-def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype) -> int:
-    """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries."""
-    qi, ki = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
-    tiles = 2 * 2 * kv_heads * q_rows * head_dim * qi                # q in + out, double-buffered
-    kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki                # K and V, two slots
-    scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
-    temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
-    return tiles + kv + scratch + temps
-
-
 def _lanes(x, n):
     """[rows, 128] lane-replicated -> [rows, n] with the same value in every lane."""
     if n % 128 == 0:
@@ -367,15 +310,6 @@ def _lanes(x, n):
     if n < 128:
         return x[:, :n]
     return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
-
-
-def _vmem_limit(estimate: int, chip: str | None) -> int:
-    budget = CHIPS[chip].vmem_bytes if chip is not None else 64 * MiB
-    if estimate > budget * 3 // 4:
-        raise ValueError(f"block sizes need ~{estimate / MiB:.1f} MiB of VMEM, over 3/4 of the "
-                         f"{budget / MiB:.0f} MiB of {chip or 'the smallest supported chip'}; "
-                         "use smaller block_sizes.kv_tokens / kv_heads / q_tokens")
-    return int(min(budget * 3 // 4, max(32 * MiB, 2 * estimate)))
 
 
 def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -444,7 +378,7 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     qp = jnp.pad(q, ((0, t_pad - t), (0, 0), (0, 0)))
     qp = qp.reshape(t_pad, hkv, g, d).transpose(1, 0, 2, 3).reshape(hkv, t_pad * g, d)
 
-    work = _work_list(kv_lens, cu_q_lens, num_seqs, num_q_blocks=nqb, q_tokens=bs.q_tokens,
+    work = work_list(kv_lens, cu_q_lens, num_seqs, num_q_blocks=nqb, q_tokens=bs.q_tokens,
                       page_size=page_size, pages_per_block=bs.pages_per_block,
                       sliding_window=sliding_window)
     prefetch = (kv_lens, page_indices.reshape(-1), cu_q_lens) + work
@@ -487,7 +421,7 @@ def _paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"),
-            vmem_limit_bytes=_vmem_limit(estimate, chip),
+            vmem_limit_bytes=vmem_limit_bytes(estimate, chip),
             # Every DMA address is in bounds by construction (page indices and buffer offsets are
             # clamped), so the compiler's per-DMA runtime checks (~14 serial scalar bundles each)
             # only cost issue time.
