@@ -46,10 +46,16 @@ class ResolvedBlockSizes:
 
 
 # Per generation: the table's defaults (kv_heads / q_tokens resolved per call in `resolve`).
+# Chosen from libtpu's static schedule (`python -m bench static --kernel paged_attention`, jax
+# 0.10.2) at Llama-3.1-8B shapes, bundles per KV block / HBM cycles of that block:
+#   v5p  512 keys: decode-b64-4k-p16 0.61, verify16-b8-4k-p16 0.87, mixed 1.62 (issue-bound)
+#        1024 keys: decode 0.51, verify 0.68, mixed 1.22 (9.4 MiB VMEM of 64)
+#   v6e  512 keys: decode 0.70, verify 0.89; 1024 keys: verify-1k-p64 0.68, decode-b8 0.59
+#   v5e  512 keys: decode 0.42, verify 0.61 (slow HBM: already far below 1)
 TABLE: dict[str, PagedAttentionBlockSizes] = {
     "v5e": PagedAttentionBlockSizes(kv_tokens=512),
-    "v5p": PagedAttentionBlockSizes(kv_tokens=512),
-    "v6e": PagedAttentionBlockSizes(kv_tokens=512),
+    "v5p": PagedAttentionBlockSizes(kv_tokens=1024),
+    "v6e": PagedAttentionBlockSizes(kv_tokens=1024),
 }
 FALLBACK = PagedAttentionBlockSizes(kv_tokens=512)
 
