@@ -101,11 +101,7 @@ class _Engine:
         self.slot_len = np.zeros(max_batch, np.int64)          # committed length L
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens at 0..L-1
 
-    # -- subclass hooks --------------------------------------------------------------------------
-    feature_layers: tuple[int, ...] = ()
-
-    def _prefill_draft(self, ctx_rows_args, feats):  # pragma: no cover - overridden
-        return None
+    feature_layers: tuple[int, ...] = ()   # target layers whose outputs the draft reads
 
     # -- validation ------------------------------------------------------------------------------
     def _check_request(self, prompts, max_new_tokens, temperature, queue):
@@ -299,50 +295,56 @@ class _Engine:
             self.allocator.free(slot)
             slot_req[slot] = -1
 
-        while pending or any(r >= 0 for r in slot_req):
-            jobs = []
-            for slot in range(self.max_batch):
-                if slot_req[slot] >= 0 or not pending:
+        try:
+            while pending or any(r >= 0 for r in slot_req):
+                jobs = []
+                for slot in range(self.max_batch):
+                    if slot_req[slot] >= 0 or not pending:
+                        continue
+                    req = pending[0]
+                    need = len(prompts[req]) + max_new_tokens + self.extra_positions
+                    if not self.allocator.can_allocate(slot, need):
+                        break
+                    pending.popleft()
+                    self.allocator.ensure(slot, need)
+                    slot_req[slot] = req
+                    jobs.append((slot, prompts[req]))
+                if not jobs and not any(r >= 0 for r in slot_req):
+                    raise RuntimeError(f"not enough KV pages for prompt {pending[0]} "
+                                       f"({self.allocator.num_free} free of {self.num_pages})")
+                if jobs:
+                    firsts = self._prefill(jobs, lambda s: temperature,
+                                           lambda s: int(seeds[slot_req[s]]))
+                    for slot, _ in jobs:
+                        last[slot] = firsts[slot]
+                        generated += 1
+                        if emit(slot, [firsts[slot]]):
+                            finish(slot)
+                active = [s for s in range(self.max_batch) if slot_req[s] >= 0]
+                if not active:
                     continue
-                req = pending[0]
-                need = len(prompts[req]) + max_new_tokens + self.extra_positions
-                if not self.allocator.can_allocate(slot, need):
-                    break
-                pending.popleft()
-                self.allocator.ensure(slot, need)
-                slot_req[slot] = req
-                jobs.append((slot, prompts[req]))
-            if not jobs and not any(r >= 0 for r in slot_req):
-                raise RuntimeError(f"not enough KV pages for prompt {pending[0]} "
-                                   f"({self.allocator.num_free} free of {self.num_pages})")
-            if jobs:
-                firsts = self._prefill(jobs, lambda s: temperature,
-                                       lambda s: int(seeds[slot_req[s]]))
-                for slot, _ in jobs:
-                    last[slot] = firsts[slot]
-                    if emit(slot, [firsts[slot]]):
+                ts = time.perf_counter()
+                accepted = self._decode_step(active, last, temperature,
+                                             {s: int(seeds[slot_req[s]]) for s in active}, slot_req,
+                                             out)
+                decode_time += time.perf_counter() - ts
+                steps += 1
+                for slot, toks in accepted.items():
+                    req = slot_req[slot]
+                    before = len(out[req])
+                    if self.extra_positions > 1:
+                        taus[req].append(len(toks))
+                    done = emit(slot, toks)
+                    generated += len(out[req]) - before
+                    last[slot] = toks[-1]
+                    if done:
                         finish(slot)
-            active = [s for s in range(self.max_batch) if slot_req[s] >= 0]
-            if not active:
-                continue
-            ts = time.perf_counter()
-            accepted = self._decode_step(active, last, temperature,
-                                         {s: int(seeds[slot_req[s]]) for s in active}, slot_req,
-                                         out)
-            decode_time += time.perf_counter() - ts
-            steps += 1
-            for slot, toks in accepted.items():
-                req = slot_req[slot]
-                before = len(out[req])
-                if self.extra_positions > 1:
-                    taus[req].append(len(toks))
-                done = emit(slot, toks)
-                generated += len(out[req]) - before
-                last[slot] = toks[-1]
-                if done:
+                if progress is not None:
+                    progress(generated, steps)
+        finally:                              # on error too: no slot keeps its pages
+            for slot in range(self.max_batch):
+                if slot_req[slot] >= 0:
                     finish(slot)
-            if progress is not None:
-                progress(generated, steps)
         return GenerationOutput(out, taus, reasons, steps, decode_time)
 
 

@@ -326,3 +326,13 @@ def test_generate_autoregressive_sees_changed_weights():
     nnx.update(other, nnx.state(TARGET))
     assert generate_autoregressive(other, prompts, max_new_tokens=10, max_batch=MAX_BATCH,
                                    max_seq_len=MAX_TOTAL, poison=True).tokens == before.tokens
+
+
+def test_pages_come_back_after_an_error():
+    def broken(request, generated, n):
+        raise KeyError("proposer failed")
+
+    dec = spec(16, proposal_override=broken)
+    with pytest.raises(KeyError):
+        dec.generate(make_prompts(np.random.default_rng(1), [4, 6]), max_new_tokens=8)
+    assert dec.allocator.num_free == dec.num_pages
