@@ -182,8 +182,9 @@ class _Engine:
                 t_pad = tokens.shape[0]
                 n_max = min(t_pad, dcache[0][0].shape[2])     # a slot's rows fit its cache
                 rows = jnp.clip(row_start[:, None] + jnp.arange(n_max), 0, t_pad - 1)
-                pos = ctx_lens[:, None] + jnp.arange(n_max, dtype=jnp.int32)
-                dcache = draft.append_ctx(ctx[rows], pos, dcache, ctx_lens, n_new, ops=ops)
+                # a prompt token's context position is its own position
+                dcache = draft.append_rows(ctx, positions, rows, dcache, ctx_lens, n_new,
+                                           ops=ops)
             return first, tcache, dcache
         return prefill
 

@@ -65,6 +65,18 @@ class DraftModel(nnx.Module):
         """
         return self.append_ctx(self.context(features), positions, caches, ctx_lens, n_new, ops=ops)
 
+    def append_rows(self, ctx, positions, rows, caches, ctx_lens, n_new, *, ops):
+        """Append from a flat ragged batch (prefill): ctx [T, H] and positions int32 [T] of T
+        rows; rows int32 [B, n_max] picks sequence b's rows. K/V are projected once per row,
+        then gathered per sequence."""
+        out = []
+        for i in range(len(self.layers)):
+            k, v = self.context_kv(i, ctx, positions)                     # [T, Hkv, D]
+            kc, vc = caches[i]
+            out.append(ops.append_context(kc, vc, k[rows].astype(kc.dtype),
+                                          v[rows].astype(vc.dtype), ctx_lens, n_new))
+        return tuple(out)
+
     def append_ctx(self, ctx, positions, caches, ctx_lens, n_new, *, ops):
         """`append_context` from already projected context ctx [B, n_max, H]."""
         out = []
