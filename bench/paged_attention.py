@@ -153,15 +153,20 @@ def main_loop(shape, *, chip: str = "v5p"):
 
     bs = resolved_block_sizes(shape, chip)
     iterations, grid_steps, subtiles = kernel_steps(shape, chip)
-    # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops`): the
-    # next block's prefetch and its unrolled page-DMA starts run; the tail-block page loops
-    # (start, and wait, each behind a branch and a trip-count guard) and the V sanitising of
-    # a tail block are jumped over. A q tile taller than one matmul adds the loop over the row
-    # sub-tiles a pair owns (behind its own trip-count guard).
-    inner_trips = (0, 0)
-    taken = (False, False, True, True, True, True, True)
+    # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops` on v5p at
+    # pages of 16 and 64 and on the mixed batch): the next block's prefetch and its unrolled
+    # page-DMA starts run (two branches not taken). Everything after is tail-block work the hot
+    # path jumps over: the chunked tail DMA starts (one branch, plus one per chunk of >= 8 pages;
+    # smaller chunks are predicated), and the V sanitising (one branch, one for the partial page,
+    # one per zeroing chunk). A q tile taller than one matmul adds the loop over the row
+    # sub-tiles a pair owns, behind its trip-count guard (not taken).
+    ppb = bs.pages_per_block
+    chunks = [1 << k for k in range(max(1, ppb - 1).bit_length())]
+    skipped = 1 + sum(c >= 8 for c in chunks) + 2 + len(chunks)
+    inner_trips = ()
+    taken = (False, False) + (True,) * skipped
     if bs.sub_rows < bs.q_rows:
-        inner_trips += (max(1, round(subtiles / iterations)),)
+        inner_trips = (max(1, round(subtiles / iterations)),)
         taken += (False,)
     return MainLoop(
         call_name=CALL_NAME,

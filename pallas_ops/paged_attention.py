@@ -152,57 +152,84 @@ def _attention_kernel(
                                    v_buf.at[buf_slot, :, dst], sems.at[1, buf_slot])
         return ck, cv
 
-    def start_block(w, b, buf_slot, h0, unroll=True):
+    # Page counts below ppb (tail blocks) are handled in power-of-two chunks: every chunk is
+    # straight-line code (DMA starts unrolled, one semaphore wait per chunk, one store per
+    # chunk), at most log2(ppb) + 1 branches instead of a loop with a trip per page.
+    chunks = [1 << k for k in range(max(1, ppb - 1).bit_length() - 1, -1, -1)]
+
+    def for_chunks(count, fn):
+        """fn(offset, c) for the power-of-two chunks c of `count` (< 2 * chunks[0]), in order."""
+        off = jnp.int32(0)
+        for c in chunks:
+            has = (count & c) != 0
+
+            @pl.when(has)
+            def _(off=off, c=c):
+                fn(off, c)
+
+            off = off + jnp.where(has, c, 0)
+
+    def start_block(w, b, buf_slot, h0):
         seq, first, n = block_pages(w, b)
 
-        def start_page(j, carry):
+        def start_page(j):
             ck, cv = page_copies(seq, first + j, j, buf_slot, h0)
             ck.start()
             cv.start()
-            return carry
-
-        if not unroll:
-            lax.fori_loop(0, n, start_page, 0)
-            return
 
         @pl.when(n == ppb)
         def _():  # a full block: unrolled, so the scalar work of consecutive pages overlaps
             for j in range(ppb):
-                start_page(j, 0)
+                start_page(j)
 
         @pl.when(n < ppb)
         def _():
-            lax.fori_loop(0, n, start_page, 0)
+            for_chunks(n, lambda off, c: [start_page(off + jj) for jj in range(c)])
+
+    def wait_pages(buf_slot, c):
+        """Wait for c pages' bytes of K and of V in buffer slot buf_slot (sizes matter only)."""
+        rows = pl.ds(0, c * page_size)
+        for kv, buf in ((0, k_buf), (1, v_buf)):
+            dst = buf.at[buf_slot, :, rows]
+            pltpu.make_async_copy(dst, dst, sems.at[kv, buf_slot]).wait()
 
     def wait_block(w, b, buf_slot):
-        seq, first, n = block_pages(w, b)
+        _, _, n = block_pages(w, b)
 
         @pl.when(n == ppb)
         def _():  # a full block: one wait per buffer, for all its pages' bytes
-            pltpu.make_async_copy(k_buf.at[buf_slot], k_buf.at[buf_slot], sems.at[0, buf_slot]).wait()
-            pltpu.make_async_copy(v_buf.at[buf_slot], v_buf.at[buf_slot], sems.at[1, buf_slot]).wait()
+            wait_pages(buf_slot, ppb)
 
         @pl.when(n < ppb)
         def _():
-            def wait_page(j, carry):
-                ck, cv = page_copies(seq, first + j, j, buf_slot, 0)  # waits: only sizes matter
-                ck.wait()
-                cv.wait()
-                return carry
-
-            lax.fori_loop(0, n, wait_page, 0)
+            for_chunks(n, lambda off, c: wait_pages(buf_slot, c))
 
     def sanitize_tail(w, b, buf_slot):
-        """Zero V columns without real data: pages not loaded, rows at or past kv_len."""
+        """Zero V rows without real data: pages not loaded, rows at or past kv_len."""
         seq, first, n = block_pages(w, b)
         valid_end = jnp.minimum(n * page_size, kv_lens_ref[seq] - first * page_size)
 
         @pl.when(valid_end < kv_tokens)
         def _():
-            col = lax.broadcasted_iota(jnp.int32, (kv_tokens, head_dim), 0)
-            for h in range(hb):
-                v = v_buf[buf_slot, h]
-                v_buf[buf_slot, h] = jnp.where(col < valid_end, v, jnp.zeros_like(v))
+            part = lax.div(valid_end, jnp.int32(page_size))    # first page not wholly valid
+            rem = valid_end - part * page_size
+
+            @pl.when(rem > 0)
+            def _():  # the last loaded page, past kv_len
+                rows = pl.ds(pl.multiple_of(part * page_size, page_size), page_size)
+                row = lax.broadcasted_iota(jnp.int32, (page_size, head_dim), 0)
+                for h in range(hb):
+                    v = v_buf[buf_slot, h, rows]
+                    v_buf[buf_slot, h, rows] = jnp.where(row < rem, v, jnp.zeros_like(v))
+
+            start = part + jnp.where(rem > 0, 1, 0)            # pages start .. ppb - 1: zeros
+
+            def zero(off, c):
+                rows = pl.ds(pl.multiple_of((start + off) * page_size, page_size), c * page_size)
+                for h in range(hb):
+                    v_buf[buf_slot, h, rows] = jnp.zeros((c * page_size, head_dim), v_buf.dtype)
+
+            for_chunks(ppb - start, zero)
 
     sub_rows = bs.sub_rows
 
@@ -293,7 +320,7 @@ def _attention_kernel(
 
     @pl.when((n_steps == 0) & next_has_work)
     def _():  # an empty step still hands the next one its first block
-        start_block(w_first_next, 0, slot_end, h0_next, unroll=False)
+        start_block(w_first_next, 0, slot_end, h0_next)
 
     slot_ref[0] = slot_end
 
