@@ -4,19 +4,26 @@ One kernel serves a ragged batch mixing decode (q_len 1), verify (q_len = block 
 chunks. Layout of the work:
 
 - The wrapper packs q as [Hkv, T_pad * G, D] (row = token * G + g): all G q heads of a KV head are
-  the rows of one matmul (GQA packing). The grid is (KV-head groups, q blocks); a grid step owns
-  `kv_heads` KV heads and `q_tokens` consecutive tokens, i.e. a [kv_heads, q_rows, D] tile.
-- The wrapper lists, per q block, the sequences that own rows of it ("pairs"), and for each pair
-  the page-table slots it needs: from the first page inside the sliding window (or 0) to the page
-  of the pair's last query position. Pages past that are never DMA'd.
+  the rows of one matmul (GQA packing). A grid step owns `kv_heads` KV heads and `q_tokens`
+  consecutive tokens, i.e. a [kv_heads, q_rows, D] tile, loaded (and pre-scaled) once.
+- The grid is (core, step): the flat list of (head group, q block) steps is cut into one run per
+  TensorCore ("parallel"), walked in order ("arbitrary"), so each step prefetches the first KV
+  block of the next step on its core and the pipeline never drains between steps.
+- The wrapper (`paged_attention_plan.work_list`) lists, per q block, the sequences that own rows
+  of it ("pairs"), and for each pair the page-table slots it needs: from the first page inside
+  the sliding window (or 0) to the page of the pair's last query position. Pages past that are
+  never DMA'd.
 - The kernel walks the (pair, KV block) steps of its q block in one `fori_loop`, double-buffered:
   while block i is computed, the pages of block i+1 (possibly the next sequence's) are in flight.
-  One DMA per page moves all `kv_heads` heads of that page ([kv_heads, page_size, D], strided), and
-  a full block is waited for with one semaphore wait.
-- Online softmax in f32 with running max / sum / accumulator per q row in VMEM scratch. Rows of
-  the tile owned by another sequence (or padding) are masked to -inf, so they are untouched; key
-  columns are masked causally (aligned to the end of the sequence) and by the sliding window.
-- V columns that hold no real data in a tail block (pages not DMA'd, rows past kv_len in the last
+  One DMA per page moves all `kv_heads` heads of that page ([kv_heads, page_size, D], strided);
+  a full block's DMA starts are unrolled and it is waited for with one semaphore wait per
+  buffer; a tail block is handled in power-of-two page chunks (no per-page loop).
+- Online softmax in f32 with running max / sum (lane-replicated [rows, 128]) and accumulator in
+  VMEM scratch. Rows of the tile owned by another sequence (or padding) are masked to -inf, so
+  they are untouched; key columns are masked causally (aligned to the end of the sequence) and
+  by the sliding window. Tiles taller than 64 rows are processed in 64-row sub-tiles, and a pair
+  computes only the sub-tiles holding its rows.
+- V rows that hold no real data in a tail block (pages not DMA'd, rows past kv_len in the last
   page) are zeroed in VMEM before use, so stale or NaN VMEM cannot reach the output.
 
 `write_kv_pages` (in `paged_attention_write`, re-exported here) is a second kernel: page-wise
