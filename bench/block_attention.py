@@ -13,7 +13,6 @@ bs=10, Hq=32, Hkv=8, D=128, bf16, B in {1, 32}, ctx 512..32k in a cache of max(8
 """
 from __future__ import annotations
 
-import argparse
 import functools
 
 from bench import shapes as shapes_mod
@@ -105,49 +104,23 @@ def main_loop(shape, *, chip: str = "v5p"):
     )
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.block_attention")
-    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    a = p.parse_args(argv)
-    from pallas_ops.chips import CHIPS, current_chip
-
-    chosen = [find(n) for n in a.shape] if a.shape else shapes()
-    chip = current_chip()
-    if chip is None:
-        v5p = CHIPS["v5p"].hbm_bytes_per_s
-        print("no TPU: not measured. Bytes that must move and the v5p HBM floor "
-              f"({v5p / 1e12:.2f} TB/s); see `python -m bench static --kernel {KERNEL}` for the "
-              "static schedule estimate.")
-        print(f"{'shape':44s} {'MB':>9s} {'v5p floor us':>13s}")
-        for shape in chosen:
-            nbytes = hbm_bytes(shape)
-            print(f"{shape.name:44s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
-        return 0
-
-    import time
-
+def _inputs(shape, specs):
     import jax
     import jax.numpy as jnp
 
-    peak = CHIPS[chip].hbm_bytes_per_s
-    print(f"{'shape':44s} {'us':>9s} {'GB/s':>8s} {'% HBM roofline':>15s}")
-    for shape in chosen:
-        fn, specs = build(shape, chip=chip)
-        key = jax.random.key(0)
-        arrays = [jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
-                  for i, s in enumerate(specs[:5])]
-        ctx = jnp.full(specs[5].shape, shape.ctx_len, jnp.int32)
-        f = jax.jit(fn)
-        f(*arrays, ctx).block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            out = f(*arrays, ctx)
-        out.block_until_ready()
-        dt = (time.perf_counter() - t0) / a.iters
-        bw = hbm_bytes(shape) / dt
-        print(f"{shape.name:44s} {dt * 1e6:9.1f} {bw / 1e9:8.0f} {100 * bw / peak:14.1f}%")
-    return 0
+    key = jax.random.key(0)
+    arrays = [jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+              for i, s in enumerate(specs[:5])]
+    return arrays + [jnp.full(specs[5].shape, shape.ctx_len, jnp.int32)]
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from bench import wall
+
+    return wall.run(argv, module=sys.modules[__name__], inputs=_inputs)
+
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ sequences at 4k).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 
 from bench import shapes as shapes_mod
@@ -181,44 +180,13 @@ def main_loop(shape, *, chip: str = "v5p"):
 
 
 def main(argv=None) -> int:
-    import time
+    import sys
 
-    import jax
+    from bench import wall
 
-    from pallas_ops.chips import CHIPS, current_chip
+    return wall.run(argv, module=sys.modules[__name__],
+                    inputs=lambda shape, specs: concrete_args(shape))
 
-    p = argparse.ArgumentParser(prog="python -m bench.paged_attention")
-    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    a = p.parse_args(argv)
-    chosen = [find(n) for n in a.shape] if a.shape else shapes()
-    chip = current_chip()
-    if chip is None:
-        v5p = CHIPS["v5p"].hbm_bytes_per_s
-        print("no TPU: not measured. Bytes that must move and the v5p HBM floor "
-              f"({v5p / 1e12:.2f} TB/s); see `python -m bench static --kernel {KERNEL}` for the "
-              "static schedule estimate.")
-        print(f"{'shape':28s} {'MB':>9s} {'v5p floor us':>13s}")
-        for shape in chosen:
-            nbytes = hbm_bytes(shape)
-            print(f"{shape.name:28s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
-        return 0
-    peak = CHIPS[chip].hbm_bytes_per_s
-    print(f"{chip}: HBM roofline {peak / 1e12:.2f} TB/s")
-    print(f"{'shape':28s} {'us':>9s} {'GB/s':>8s} {'% HBM':>6s}")
-    for shape in chosen:
-        fn, _ = build(shape, chip=chip)
-        args = concrete_args(shape)
-        f = jax.jit(fn)
-        f(*args).block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            out = f(*args)
-        out.block_until_ready()
-        dt = (time.perf_counter() - t0) / a.iters
-        rate = hbm_bytes(shape) / dt
-        print(f"{shape.name:28s} {dt * 1e6:9.1f} {rate / 1e9:8.0f} {100 * rate / peak:6.1f}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ bs=10 V=128256, bf16, greedy and sampling).
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 
@@ -133,44 +132,12 @@ def _inputs(shape, specs):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.verify_accept")
-    p.add_argument("--shape", action="append", help="catalogue shape name (default: all)")
-    p.add_argument("--iters", type=int, default=50)
-    a = p.parse_args(argv)
-    from pallas_ops.chips import CHIPS, current_chip
+    import sys
 
-    chosen = [find(n) for n in a.shape] if a.shape else shapes()
-    chip = current_chip()
-    if chip is None:
-        v5p = CHIPS["v5p"].hbm_bytes_per_s
-        print("no TPU: not measured. One-read floor (B x bs x V x itemsize) and the v5p HBM time "
-              f"at {v5p / 1e12:.2f} TB/s; see `python -m bench static --kernel {KERNEL}` for the "
-              "static schedule estimate.")
-        print(f"{'shape':32s} {'MB':>9s} {'v5p floor us':>13s}")
-        for shape in chosen:
-            nbytes = hbm_bytes(shape)
-            print(f"{shape.name:32s} {nbytes / 1e6:9.2f} {nbytes / v5p * 1e6:13.2f}  not measured")
-        return 0
+    from bench import wall
 
-    import time
+    return wall.run(argv, module=sys.modules[__name__], inputs=_inputs, default_iters=50)
 
-    import jax
-
-    peak = CHIPS[chip].hbm_bytes_per_s
-    print(f"{'shape':32s} {'us':>9s} {'GB/s':>8s} {'% HBM roofline':>15s}")
-    for shape in chosen:
-        fn, specs = build(shape, chip=chip)
-        arrays = _inputs(shape, specs)
-        f = jax.jit(fn)
-        jax.block_until_ready(f(*arrays))
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            out = f(*arrays)
-        jax.block_until_ready(out)
-        dt = (time.perf_counter() - t0) / a.iters
-        bw = hbm_bytes(shape) / dt
-        print(f"{shape.name:32s} {dt * 1e6:9.1f} {bw / 1e9:8.0f} {100 * bw / peak:14.1f}%")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 """The verify/accept NumPy reference and the random stream, on small hand-checked cases."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -185,7 +184,6 @@ def test_sampling_never_emits_neg_inf_and_temperature_zero_is_greedy():
 
 
 def test_draft_probs_hand_cases():
-    V = 4
     x = np.log(np.array([[0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.25, 0.25]]))[None].astype(
         np.float32)
     p0 = np.exp(x[0, 0].astype(np.float64))
