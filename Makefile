@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m bench.quickstart
+	$(PY) -m bench.demo
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -312,7 +312,6 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
     opt_state = args._opt.init(state)
     total = args.steps                 # with --minutes: re-estimated from the measured speed
     warm = max(1, int(round(0.04 * args.steps)))
-    probe = min(12, max(3, args.steps // 20))
     t_start = time.perf_counter()
     t_compile = None
     hist = log_data.setdefault("eval", [])
@@ -329,23 +328,33 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
                                              if k not in ("step",)))
 
     step = 0
-    while step < total:
+    stop = args.stop_after or None
+    budget = args.minutes * 60 if args.minutes else None
+    t_loop = None
+
+    def progress():      # fraction of the schedule done, by steps or (--minutes) by time
+        if budget is None:
+            return step / total
+        if t_loop is None:
+            return 0.0
+        return (time.perf_counter() - t_loop) / max(budget - (t_loop - t_start), 1.0)
+
+    while (progress() < 1.0) if budget else step < (min(total, stop) if stop else total):
         step += 1
-        lr = warmup_cosine(step, total, args.lr, warmup_steps=warm)
+        if budget:
+            # time-based schedule: warmup over the first 4% of the time budget, then cosine
+            lr = warmup_cosine(min(progress(), 1.0) * 10_000, 10_000, args.lr, warmup_steps=400)
+        else:
+            lr = warmup_cosine(step, total, args.lr, warmup_steps=warm)
         opt_state = set_lr(opt_state, lr)
         batch = next_batch()
         state, opt_state, *metrics = step_fn(state, opt_state, *extra_eval_args, *batch)
         if step == 1:
             jax.block_until_ready(state)
             t_compile = time.perf_counter() - t_start
-        if args.minutes and step == probe:
-            jax.block_until_ready(state)
-            el = time.perf_counter() - t_start
-            rate = (probe - 1) / max(el - t_compile, 1e-9)
-            left = args.minutes * 60 - el - 30 * max(1, args.eval_batches) / 4
-            total = max(probe + 1, probe + int(left * rate * 0.97))
-            _log(f"--minutes {args.minutes}: {rate:.2f} step/s -> {total} steps")
-            log_data["steps_planned"] = total
+            t_loop = time.perf_counter()
+        if budget:
+            total = step if progress() >= 1.0 else max(total, step + 1)
         last.append([float(m) for m in metrics])
         if step % args.log_every == 0 or step == total:
             el = time.perf_counter() - t_start
@@ -358,15 +367,15 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
                  + " ".join(f"{n}={v:.4f}" for n, v in zip(names, m))
                  + f" lr={lr:.2e} {rate:.2f} step/s "
                  f"elapsed {el / 60:.1f}m eta {eta / 60:.1f}m")
-        if args.eval_every and (step % args.eval_every == 0 or step == total):
+        if args.eval_every and (step % args.eval_every == 0 or step in (total, stop)):
             run_eval(step)
-        if args.save_every and step % args.save_every == 0 and step != total:
+        if args.save_every and step % args.save_every == 0 and step != total and step != stop:
             nnx.update(model, state)
             log_data["steps_done"] = step
             log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
             _save(model, args.out, log_data)
     nnx.update(model, state)
-    log_data["steps_done"] = total
+    log_data["steps_done"] = step
     log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
     _save(model, args.out, log_data)
     _log(f"saved {args.out} after {log_data['train_seconds'] / 60:.1f} min")
@@ -517,9 +526,12 @@ def build_parser():
         q.add_argument("--out", required=True)
         q.add_argument("--steps", type=int, default=steps,
                        help="optimizer steps (with --minutes: the estimate that sets the warmup)")
+        q.add_argument("--stop-after", type=int, default=0,
+                       help="stop (and save) after this many steps of the --steps schedule")
         q.add_argument("--minutes", type=float, default=None,
-                       help="time budget: the step count (and so the cosine schedule) is set "
-                            "from the speed measured over the first steps")
+                       help="time budget (wall clock, compile included): the warmup + cosine "
+                            "schedule follows elapsed time instead of steps; the steps done are "
+                            "logged (rerun with --steps N for a step-based equivalent)")
         q.add_argument("--batch", type=int, default=batch)
         q.add_argument("--seq-len", type=int, default=seq_len)
         q.add_argument("--lr", type=float, default=lr)
