@@ -374,6 +374,8 @@ def _run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_
             log_data["steps_done"] = step
             log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
             _save(model, args.out, log_data)
+    if args.eval_every and (not hist or hist[-1]["step"] != step):
+        run_eval(step)          # the time budget can end between two logged steps
     nnx.update(model, state)
     log_data["steps_done"] = step
     log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
