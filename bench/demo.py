@@ -1,7 +1,7 @@
 """`make demo`: the shipped tiny code model pair, decoded speculatively and autoregressively.
 
     python -m bench.demo [--prompts 6] [--max-new-tokens 128] [--backend xla]
-    python -m bench.demo --backend pallas --steps 3      # the interpreted Pallas kernels
+    python -m bench.demo --backend pallas --steps 4      # the interpreted Pallas kernels
 
 Loads the target (a 4-layer byte-level code LM, HF naming) and its DFlash drafter (z-lab naming)
 from bench/assets/, takes a handful of prompts from held-out stdlib files (never trained on, see
@@ -145,7 +145,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=6)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3,
+    p.add_argument("--steps", type=int, default=4,
                    help="pallas backend: speculative steps to run (2 prompts)")
     p.add_argument("--seed", type=int, default=0, help="which held-out prompts")
     p.add_argument("--assets", default=ASSETS)

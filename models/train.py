@@ -452,6 +452,12 @@ def cmd_draft(args):
                       target_layer_ids=ids, num_target_layers=tc.num_layers,
                       rms_norm_eps=tc.rms_norm_eps, rope_theta=tc.rope_theta)
     draft = DraftModel(cfg, dtype=jnp.float32, rngs=nnx.Rngs(args.seed))
+    if args.init:              # continue from a drafter checkpoint of the same shape
+        from models.loading import load_draft
+
+        draft = load_draft(args.init, dtype=jnp.float32)
+        if draft.config != cfg:
+            raise SystemExit(f"--init {args.init}: config {draft.config} != {cfg}")
     args._opt = make_host_lr_optimizer()
     args._metric_names = ("loss", "tau_est")
     gd, _ = nnx.split(draft)
@@ -461,7 +467,7 @@ def cmd_draft(args):
                                      label_kind=args.labels, weights=weights)
     rng = np.random.default_rng(args.seed)
     if args.rollouts:
-        seqs = np.load(args.rollouts)
+        seqs = np.concatenate([np.load(f) for f in args.rollouts.split(",")])
         if seqs.shape[1] < args.seq_len:
             raise SystemExit(f"rollouts have length {seqs.shape[1]} < --seq-len {args.seq_len}")
         low = args.anchor_min if args.anchor_min is not None else 1
@@ -565,7 +571,9 @@ def build_parser():
     d.add_argument("--num-features", type=int, default=3,
                    help="target layers read (evenly spaced, last included)")
     d.add_argument("--target-layers", default=None, help="explicit comma-separated layer ids")
-    d.add_argument("--rollouts", default=None, help=".npy of target greedy rollouts to train on")
+    d.add_argument("--rollouts", default=None,
+                   help=".npy of target greedy rollouts to train on (comma-separated: several)")
+    d.add_argument("--init", default=None, help="start from this drafter checkpoint")
     d.add_argument("--anchor-min", type=int, default=None,
                    help="with --rollouts: earliest anchor position in a rollout (e.g. the "
                         "prompt length, to anchor only in generated text)")
