@@ -1,12 +1,15 @@
 """Plain-jnp (XLA) `paged_attention` and `write_kv_pages`: the same contract as the Pallas kernels.
 
 The model layer's fast backend off TPU (and a second, independent implementation to test
-against). Jittable with fixed shapes; every static option is keyword-only. The attention gathers,
-per q row, the pages of that row's sequence (chunked with `lax.map`, so memory stays at
-`chunk * Hkv * pages_per_seq * page_size * D`), masks causally (aligned to the end) and by the
-sliding window, and takes an f32 softmax. Masked keys/values never reach the output, even when
-they hold NaN: unused page-table slots are replaced by page 0 before the gather and masked values
-are zeroed before p.V.
+against). Jittable with fixed shapes; every static option is keyword-only. The q rows are cut into
+chunks of up to R consecutive rows of ONE sequence (R from the static shapes: 1 for decode, the
+rows per sequence for a uniform verify batch, at most `rows_per_chunk`; with R = 1 rows are simply
+vectorized `rows_per_chunk` at a time, which is faster for decode); each chunk gathers its
+sequence's pages once (a loop over the chunks in use, a few chunks per iteration, so memory stays
+at about `rows_per_chunk * Hq * pages_per_seq * page_size` scores), masks causally (aligned to
+the end) and by the sliding window, and takes an f32 softmax. Masked keys/values never reach the
+output, even when they hold NaN: unused page-table slots are replaced by page 0 before the gather
+and masked values are zeroed before p.V.
 """
 from __future__ import annotations
 
@@ -61,7 +64,8 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
       sm_scale: softmax scale (default 1/sqrt(D)); soft_cap: logits -> c * tanh(logits / c);
       sliding_window: a query at position p sees keys at positions > p - sliding_window.
       validate: check the dynamic facts on the host first (needs concrete arrays).
-      rows_per_chunk: q rows processed together by `lax.map` (memory/speed trade-off only).
+      rows_per_chunk: most q rows of one sequence per gather of its pages (speed / memory
+        trade-off only; the chunk size is min(rows_per_chunk, T // S), at least 1).
     Returns: [T, Hq, D] in q's dtype; rows past cu_q_lens[num_seqs] are zeros.
     """
     num_seqs = _as_num_seqs(num_seqs)
@@ -75,7 +79,6 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
     ps, pps = geo.page_size, geo.pages_per_seq
     length = pps * ps
 
-    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, t_rows)
     # Page table with every slot a sequence does not need replaced by page 0 (never out of range).
     n = jnp.reshape(num_seqs, (-1,))[0]
     slot = jnp.arange(pps, dtype=jnp.int32)
@@ -84,6 +87,73 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
     table = jnp.where(needed, page_indices, 0)
     table = jnp.clip(table, 0, geo.total_pages - 1)
 
+    key_pos = jnp.arange(length, dtype=jnp.int32)
+    # Chunks of R rows that never straddle two sequences: sequence s (in use) owns
+    # ceil(q_len_s / R) chunks, numbered in sequence order; at most ceil(T / R) + S in all.
+    max_seqs = geo.max_seqs
+    r = max(1, min(rows_per_chunk, t_rows // max_seqs))
+    if r == 1:             # decode-like: a chunk is a row; vectorize rows (cheaper than chunks)
+        return _attend_rows(q, k_pages, v_pages, table, cu_q_lens, kv_lens, num_seqs, scale,
+                            soft_cap, sliding_window, geo, rows_per_chunk)
+    per_iter = max(1, rows_per_chunk // r)               # chunks vectorized per loop iteration
+    n_chunks = -(-(-(-t_rows // r) + max_seqs) // per_iter) * per_iter
+    q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
+    in_use = jnp.arange(max_seqs, dtype=jnp.int32) < n
+    per_seq = jnp.where(in_use, (q_lens + r - 1) // r, 0)                       # [S]
+    chunk_end = jnp.cumsum(per_seq)                                             # [S]
+    c = jnp.arange(n_chunks, dtype=jnp.int32)
+    chunk_seq = jnp.minimum(jnp.sum(chunk_end[None, :] <= c[:, None], axis=1),
+                            max_seqs - 1).astype(jnp.int32)                     # [C]
+    first_row = cu_q_lens[chunk_seq] + (c - (chunk_end - per_seq)[chunk_seq]) * r  # [C]
+    rows = first_row[:, None] + jnp.arange(r, dtype=jnp.int32)[None, :]         # [C, R]
+    row_ok = (c < chunk_end[-1])[:, None] & (rows < cu_q_lens[chunk_seq + 1][:, None])
+    row_pos = kv_lens[chunk_seq][:, None] - cu_q_lens[chunk_seq + 1][:, None] + rows
+    dest = jnp.where(row_ok, rows, t_rows)               # rows of empty chunks: dropped
+
+    def one_chunk(args):
+        q_rows, s_i, p_rows, ok = args                   # [R, Hq, D], (), [R], [R]
+        pages = table[s_i]                               # [pps]: one gather per chunk
+        k = k_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
+        v = v_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
+        mask = (key_pos[None, :] <= p_rows[:, None]) & ok[:, None]             # [R, L]
+        if sliding_window is not None:
+            mask = mask & (key_pos[None, :] > p_rows[:, None] - sliding_window)
+        kv_used = jnp.any(mask, axis=0)                                         # [L]
+        qf = q_rows.astype(jnp.float32).reshape(r, hkv, g, d)
+        logits = jnp.einsum("rhgd,hld->hgrl", qf, k,
+                            precision=jax.lax.Precision.HIGHEST) * scale
+        if soft_cap is not None:
+            logits = soft_cap * jnp.tanh(logits / soft_cap)
+        logits = jnp.where(mask, logits, -jnp.inf)
+        m = jnp.max(logits, axis=-1, keepdims=True)
+        m = jnp.where(jnp.isfinite(m), m, 0.0)
+        p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+        denom = jnp.sum(p, axis=-1, keepdims=True)
+        v = jnp.where(kv_used[None, :, None], v, 0.0)
+        out = jnp.einsum("hgrl,hld->rhgd", p, v, precision=jax.lax.Precision.HIGHEST)
+        denom = jnp.transpose(denom, (2, 0, 1, 3))                              # [R, Hkv, G, 1]
+        out = out / jnp.where(denom > 0, denom, 1.0)
+        return out.reshape(r, hkv * g, d).astype(q.dtype)
+
+    def body(i, out):      # chunks [i * per_iter, (i + 1) * per_iter): one gather per chunk
+        ids = i * per_iter + jnp.arange(per_iter, dtype=jnp.int32)
+        o = jax.vmap(one_chunk)((q[jnp.clip(rows[ids], 0, t_rows - 1)], chunk_seq[ids],
+                                 row_pos[ids], row_ok[ids]))                    # [n, R, Hq, D]
+        return out.at[dest[ids].reshape(-1)].set(o.reshape(-1, hkv * g, d), mode="drop")
+
+    # only the chunks in use are computed (a dynamic trip count: decode, verify and prefill
+    # batches of the same static shape cost what their rows need)
+    return jax.lax.fori_loop(0, (chunk_end[-1] + per_iter - 1) // per_iter, body,
+                             jnp.zeros_like(q))
+
+
+def _attend_rows(q, k_pages, v_pages, table, cu_q_lens, kv_lens, num_seqs, scale, soft_cap,
+                 sliding_window, geo, rows_per_chunk):
+    """One gather of its sequence's pages per q row, `rows_per_chunk` rows vectorized per
+    `lax.map` step: the fast form when sequences have about one row each (decode)."""
+    t_rows, hkv, g, d = geo.num_tokens, geo.num_kv_heads, geo.group, geo.head_dim
+    length = geo.pages_per_seq * geo.page_size
+    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, t_rows)
     key_pos = jnp.arange(length, dtype=jnp.int32)
 
     def one_row(args):

@@ -365,9 +365,10 @@ def test_write_kv_pages_no_dma_races():
 # ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def _jitted_xla_attention(soft_cap, sliding_window):
+def _jitted_xla_attention(soft_cap, sliding_window, rows_per_chunk):
     return jax.jit(functools.partial(paged_attention_xla, soft_cap=soft_cap,
-                                     sliding_window=sliding_window))
+                                     sliding_window=sliding_window,
+                                     rows_per_chunk=rows_per_chunk))
 
 
 _jitted_xla_write = jax.jit(write_kv_pages_xla)
@@ -378,7 +379,9 @@ _jitted_xla_write = jax.jit(write_kv_pages_xla)
 @given(data=st.data())
 def test_xla_version_matches_reference(geo, data):
     case = data.draw(ragged_batches(geo))
-    out = _jitted_xla_attention(geo.soft_cap, geo.sliding_window)(*case.args())
+    # rows per gather: 1 (one chunk per row), 4 (chunks split sequences and vectorize), 16
+    rows_per_chunk = data.draw(st.sampled_from([1, 4, 16]), label="rows_per_chunk")
+    out = _jitted_xla_attention(geo.soft_cap, geo.sliding_window, rows_per_chunk)(*case.args())
     _assert_matches_reference(case, np.asarray(out, np.float64))
     k_before, v_before, k_new, v_new = _split_new_tokens(case)
     k_after, v_after = _jitted_xla_write(
