@@ -3,8 +3,7 @@
 The model layer's fast backend off TPU (and a second, independent implementation to test
 against). Jittable with fixed shapes; every static option is keyword-only. The q rows are cut into
 chunks of up to R consecutive rows of ONE sequence (R from the static shapes: 1 for decode, the
-rows per sequence for a uniform verify batch, at most `rows_per_chunk`; with R = 1 rows are simply
-vectorized `rows_per_chunk` at a time, which is faster for decode); each chunk gathers its
+rows per sequence for a uniform verify batch, at most `rows_per_chunk`); each chunk gathers its
 sequence's pages once (a loop over the chunks in use, a few chunks per iteration, so memory stays
 at about `rows_per_chunk * Hq * pages_per_seq * page_size` scores), masks causally (aligned to
 the end) and by the sliding window, and takes an f32 softmax. Masked keys/values never reach the
@@ -49,6 +48,34 @@ def row_sequence_info(cu_q_lens, kv_lens, num_seqs, num_tokens):
     return seq, pos, valid
 
 
+def _attend(q_rows, k_pages, v_pages, pages, p_rows, ok, *, scale, soft_cap, sliding_window):
+    """R q rows [R, Hq, D] of one sequence, at positions p_rows [R] (rows with ok [R] False give
+    zeros), over that sequence's pages [pps]: gathers them once. Returns [R, Hq, D] in q's dtype."""
+    r, hq, d = q_rows.shape
+    hkv = k_pages.shape[0]
+    g = hq // hkv
+    length = pages.shape[0] * k_pages.shape[2]
+    key_pos = jnp.arange(length, dtype=jnp.int32)
+    k = k_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
+    v = v_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
+    mask = (key_pos[None, :] <= p_rows[:, None]) & ok[:, None]                 # [R, L]
+    if sliding_window is not None:
+        mask = mask & (key_pos[None, :] > p_rows[:, None] - sliding_window)
+    qf = q_rows.astype(jnp.float32).reshape(r, hkv, g, d)
+    logits = jnp.einsum("rhgd,hld->hgrl", qf, k, precision=jax.lax.Precision.HIGHEST) * scale
+    if soft_cap is not None:
+        logits = soft_cap * jnp.tanh(logits / soft_cap)
+    logits = jnp.where(mask, logits, -jnp.inf)
+    m = jnp.max(logits, axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    p = jnp.where(mask, jnp.exp(logits - m), 0.0)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    v = jnp.where(jnp.any(mask, axis=0)[None, :, None], v, 0.0)     # NaN never meets a zero p
+    out = jnp.einsum("hgrl,hld->hgrd", p, v, precision=jax.lax.Precision.HIGHEST)
+    out = out / jnp.where(denom > 0, denom, 1.0)
+    return jnp.transpose(out, (2, 0, 1, 3)).reshape(r, hq, d).astype(q_rows.dtype)
+
+
 def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                         sm_scale=None, soft_cap=None, sliding_window=None, validate=False,
                         rows_per_chunk=16):
@@ -75,9 +102,9 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
     if validate:
         check_paged_attention_inputs(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     scale = 1.0 / math.sqrt(geo.head_dim) if sm_scale is None else float(sm_scale)
-    t_rows, hkv, g, d = geo.num_tokens, geo.num_kv_heads, geo.group, geo.head_dim
+    t_rows, hq, d = q.shape
     ps, pps = geo.page_size, geo.pages_per_seq
-    length = pps * ps
+    opts = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
 
     # Page table with every slot a sequence does not need replaced by page 0 (never out of range).
     n = jnp.reshape(num_seqs, (-1,))[0]
@@ -87,14 +114,10 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
     table = jnp.where(needed, page_indices, 0)
     table = jnp.clip(table, 0, geo.total_pages - 1)
 
-    key_pos = jnp.arange(length, dtype=jnp.int32)
     # Chunks of R rows that never straddle two sequences: sequence s (in use) owns
     # ceil(q_len_s / R) chunks, numbered in sequence order; at most ceil(T / R) + S in all.
     max_seqs = geo.max_seqs
     r = max(1, min(rows_per_chunk, t_rows // max_seqs))
-    if r == 1:             # decode-like: a chunk is a row; vectorize rows (cheaper than chunks)
-        return _attend_rows(q, k_pages, v_pages, table, cu_q_lens, kv_lens, num_seqs, scale,
-                            soft_cap, sliding_window, geo, rows_per_chunk)
     per_iter = max(1, rows_per_chunk // r)               # chunks vectorized per loop iteration
     n_chunks = -(-(-(-t_rows // r) + max_seqs) // per_iter) * per_iter
     q_lens = cu_q_lens[1:] - cu_q_lens[:-1]
@@ -112,74 +135,18 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
 
     def one_chunk(args):
         q_rows, s_i, p_rows, ok = args                   # [R, Hq, D], (), [R], [R]
-        pages = table[s_i]                               # [pps]: one gather per chunk
-        k = k_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
-        mask = (key_pos[None, :] <= p_rows[:, None]) & ok[:, None]             # [R, L]
-        if sliding_window is not None:
-            mask = mask & (key_pos[None, :] > p_rows[:, None] - sliding_window)
-        kv_used = jnp.any(mask, axis=0)                                         # [L]
-        qf = q_rows.astype(jnp.float32).reshape(r, hkv, g, d)
-        logits = jnp.einsum("rhgd,hld->hgrl", qf, k,
-                            precision=jax.lax.Precision.HIGHEST) * scale
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        logits = jnp.where(mask, logits, -jnp.inf)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p = jnp.where(mask, jnp.exp(logits - m), 0.0)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        v = jnp.where(kv_used[None, :, None], v, 0.0)
-        out = jnp.einsum("hgrl,hld->rhgd", p, v, precision=jax.lax.Precision.HIGHEST)
-        denom = jnp.transpose(denom, (2, 0, 1, 3))                              # [R, Hkv, G, 1]
-        out = out / jnp.where(denom > 0, denom, 1.0)
-        return out.reshape(r, hkv * g, d).astype(q.dtype)
+        return _attend(q_rows, k_pages, v_pages, table[s_i], p_rows, ok, **opts)
 
     def body(i, out):      # chunks [i * per_iter, (i + 1) * per_iter): one gather per chunk
         ids = i * per_iter + jnp.arange(per_iter, dtype=jnp.int32)
         o = jax.vmap(one_chunk)((q[jnp.clip(rows[ids], 0, t_rows - 1)], chunk_seq[ids],
                                  row_pos[ids], row_ok[ids]))                    # [n, R, Hq, D]
-        return out.at[dest[ids].reshape(-1)].set(o.reshape(-1, hkv * g, d), mode="drop")
+        return out.at[dest[ids].reshape(-1)].set(o.reshape(-1, hq, d), mode="drop")
 
     # only the chunks in use are computed (a dynamic trip count: decode, verify and prefill
     # batches of the same static shape cost what their rows need)
     return jax.lax.fori_loop(0, (chunk_end[-1] + per_iter - 1) // per_iter, body,
                              jnp.zeros_like(q))
-
-
-def _attend_rows(q, k_pages, v_pages, table, cu_q_lens, kv_lens, num_seqs, scale, soft_cap,
-                 sliding_window, geo, rows_per_chunk):
-    """One gather of its sequence's pages per q row, `rows_per_chunk` rows vectorized per
-    `lax.map` step: the fast form when sequences have about one row each (decode)."""
-    t_rows, hkv, g, d = geo.num_tokens, geo.num_kv_heads, geo.group, geo.head_dim
-    length = geo.pages_per_seq * geo.page_size
-    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, t_rows)
-    key_pos = jnp.arange(length, dtype=jnp.int32)
-
-    def one_row(args):
-        q_row, s_i, p_i, ok = args                       # [Hq, D], (), (), ()
-        pages = table[s_i]                               # [pps]
-        k = k_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
-        v = v_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
-        mask = (key_pos <= p_i) & ok
-        if sliding_window is not None:
-            mask = mask & (key_pos > p_i - sliding_window)
-        qf = q_row.astype(jnp.float32).reshape(hkv, g, d)
-        logits = jnp.einsum("hgd,hld->hgl", qf, k,
-                            precision=jax.lax.Precision.HIGHEST) * scale
-        if soft_cap is not None:
-            logits = soft_cap * jnp.tanh(logits / soft_cap)
-        logits = jnp.where(mask[None, None, :], logits, -jnp.inf)
-        m = jnp.max(logits, axis=-1, keepdims=True)
-        m = jnp.where(jnp.isfinite(m), m, 0.0)
-        p = jnp.where(mask[None, None, :], jnp.exp(logits - m), 0.0)
-        denom = jnp.sum(p, axis=-1, keepdims=True)
-        v = jnp.where(mask[None, :, None], v, 0.0)
-        out = jnp.einsum("hgl,hld->hgd", p, v, precision=jax.lax.Precision.HIGHEST)
-        out = out / jnp.where(denom > 0, denom, 1.0)
-        return out.reshape(hkv * g, d).astype(q.dtype)
-
-    return jax.lax.map(one_row, (q, seq, pos, valid), batch_size=min(rows_per_chunk, t_rows))
 
 
 def write_kv_pages_xla(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
