@@ -65,21 +65,24 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     bs = spec.block_size
     ar_kw = dict(max_batch=max_batch, max_seq_len=max_seq_len, backend=backend)
     if warmup:      # compile prefill and step functions (short generations, same shapes)
-        spec.generate(prompts[:max_batch], max_new_tokens=2 * bs + 1)
+        spec.generate(prompts[:max_batch], max_new_tokens=min(2 * bs + 1, max_new_tokens))
         if ar_result is None:
-            generate_autoregressive(target, prompts[:max_batch], max_new_tokens=3, **ar_kw)
+            generate_autoregressive(target, prompts[:max_batch],
+                                    max_new_tokens=min(3, max_new_tokens), **ar_kw)
     ar, t_ar = ar_result if ar_result is not None else (None, float("inf"))
     sp, t_sp = None, float("inf")
     for _ in range(repeats):    # alternate AR and DFlash runs; keep the fastest of each
         if ar_result is None:
             t0 = time.perf_counter()
             res = _ar(target, prompts, max_new_tokens, ar_kw, queue)
-            if time.perf_counter() - t0 < t_ar:
-                ar, t_ar = res, time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            if dt < t_ar:
+                ar, t_ar = res, dt
         t0 = time.perf_counter()
         res = spec.generate(prompts, max_new_tokens=max_new_tokens, queue=queue)
-        if time.perf_counter() - t0 < t_sp:
-            sp, t_sp = res, time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        if dt < t_sp:
+            sp, t_sp = res, dt
     n_ar = sum(len(t) for t in ar.tokens)
     n_sp = sum(len(t) for t in sp.tokens)
     per_pos, hist = acceptance_by_position(sp.acceptance_lengths, bs)
