@@ -1,9 +1,9 @@
 """`python -m bench <command>`: the benchmark entry points.
 
     python -m bench static [--chip v5p] [--kernel NAME] [--shape NAME] [--all] [--json PATH]
-        static schedule analysis from libtpu's AOT dumps (no TPU needed), see bench/static.py
+        static schedule analysis from libtpu's AOT dumps (no TPU needed), see bench/static/
     python -m bench wall NAME [args]
-        the wall-clock benchmark of bench/NAME.py (its main(); needs a TPU)
+        the wall-clock benchmark of bench/kernels/NAME.py (its main(); needs a TPU)
 """
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ def main(argv=None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "static":
-        from bench import static
+        from bench.static import cli
 
-        return static.main(rest)
+        return cli.main(rest)
     if cmd == "wall":
         if not rest:
             print("usage: python -m bench wall NAME [args]", file=sys.stderr)
             return 2
-        mod = importlib.import_module(f"bench.{rest[0]}")
+        mod = importlib.import_module(f"bench.kernels.{rest[0]}")
         return int(mod.main(rest[1:]) or 0)
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2

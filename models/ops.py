@@ -2,7 +2,7 @@
 
 - ``"pallas"``: the hand-written kernels of `pallas_ops` (compiled by Mosaic on a TPU, run in the
   TPU interpreter elsewhere: correct but slow off TPU).
-- ``"xla"``: their plain-jnp twins (`pallas_ops.*_xla`), fast on CPU.
+- ``"xla"``: their plain-jnp twins (`pallas_ops.<kernel>.xla`), fast on CPU.
 
 The model code calls `get_ops(backend).<op>(...)` and never imports a kernel module directly.
 Kernel modules are imported lazily so each backend only needs its own modules.
@@ -31,9 +31,9 @@ class Ops:
             kw["chip"] = self.chip
         return kw
 
-    def _mod(self, name):
-        suffix = "_xla" if self.backend == "xla" else ""
-        return importlib.import_module(f"pallas_ops.{name}{suffix}")
+    def _mod(self, package):
+        suffix = ".xla" if self.backend == "xla" else ""
+        return importlib.import_module(f"pallas_ops.{package}{suffix}")
 
     def _interp(self):
         return {"interpret": self.interpret} if self.backend == "pallas" else {}
@@ -41,30 +41,30 @@ class Ops:
     def paged_attention(self, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                         *, sliding_window=None):
         """[T, Hq, D] causal attention over paged KV (see `pallas_ops.paged_attention`)."""
-        return self._mod("paged_attention").paged_attention(
+        return self._mod("paged").paged_attention(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
             sliding_window=sliding_window, **self._chip())
 
     def write_kv_pages(self, k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
                        num_seqs):
-        return self._mod("paged_attention").write_kv_pages(
+        return self._mod("paged").write_kv_pages(
             k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
             **self._interp())
 
     def block_attention(self, q, k_block, v_block, k_cache, v_cache, ctx_lens, *,
                         sliding_window=None):
         """[B, bs, Hq, D] non-causal block attention (see `pallas_ops.block_attention`)."""
-        return self._mod("block_attention").block_attention(
+        return self._mod("block").block_attention(
             q, k_block, v_block, k_cache, v_cache, ctx_lens, sliding_window=sliding_window,
             **self._chip())
 
     def append_context(self, k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
-        return self._mod("block_attention").append_context(
+        return self._mod("block").append_context(
             k_cache, v_cache, k_new, v_new, ctx_lens, n_new, **self._interp())
 
     def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None):
         """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""
-        return self._mod("verify_accept").verify_accept(
+        return self._mod("verify").verify_accept(
             logits, draft_tokens, temperature=temperature, seed=seed, position=position,
             **self._chip())
 

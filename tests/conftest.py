@@ -16,7 +16,7 @@ if not any(pathlib.Path("/dev").glob("accel*")) and not pathlib.Path("/dev/vfio"
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     os.environ.setdefault("GLOG_minloglevel", "3")
     # Without a TPU, libtpu is only loaded to AOT-compile; let several test processes on this
-    # host do so at once instead of failing on /tmp/libtpu_lockfile (as bench/static.py does).
+    # host do so at once instead of failing on /tmp/libtpu_lockfile (as bench/static/dump.py does).
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import hypothesis  # noqa: E402

@@ -1,4 +1,4 @@
-"""bench/static.py and bench/static_parse.py: the static schedule analysis.
+"""bench/static/: the static schedule analysis (parse, dump, analyze, cli).
 
 - The parser on a small final-bundles dump checked into tests/data/ (made by `make_test_dump`
   below from `minimal_loop_build(width=1)`: one loop of 8 iterations over a VMEM-resident input),
@@ -18,7 +18,9 @@ import pathlib
 
 import pytest
 
-from bench import static, static_parse
+from bench import static
+from bench.static import cli, dump
+from bench.static import parse as static_parse
 
 DATA = pathlib.Path(__file__).parent / "data"
 MINI_BUNDLES = DATA / "static_mini_loop.final_bundles.txt"
@@ -63,7 +65,7 @@ def make_test_dump(out_dir=DATA):  # pragma: no cover - run by hand to refresh t
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        recs = static.compile_and_dump(
+        recs = dump.compile_and_dump(
             [{"id": 0, "factory": "tests.test_bench_static:minimal_loop_build",
               "kwargs": {"width": 1}, "chip": "v5p"}], tmp)
         files = recs[0]["calls"][0]["files"]
@@ -289,8 +291,8 @@ def test_strip_comments_nested():
 
 def test_missing_kernel_module_is_skipped_with_reason():
     r = static.analyze_many([("no_such_kernel", "x", "v5p")])[0]
-    assert r.status == "skipped" and "bench/no_such_kernel.py not present" in r.reason
-    table = static.markdown_table([r])
+    assert r.status == "skipped" and "bench/kernels/no_such_kernel.py not present" in r.reason
+    table = cli.markdown_table([r])
     assert "no_such_kernel" in table and "skipped" in table
 
 
@@ -306,7 +308,7 @@ def _require_libtpu():
 def test_libtpu_version_is_the_pinned_one():
     _require_libtpu()
     assert static_parse.libtpu_version() == static_parse.LIBTPU_VERSION_PINNED, (
-        "libtpu changed: re-check the dump-format facts in bench/static_parse.py (DELAY_SLOTS, "
+        "libtpu changed: re-check the dump-format facts in bench/static/parse.py (DELAY_SLOTS, "
         "line format, file names), regenerate tests/data with make_test_dump(), then re-pin")
 
 
@@ -316,7 +318,7 @@ def test_minimal_loop_bundles_track_doubled_work(tmp_path):
     widths = (8, 16, 32)
     jobs = [{"id": i, "factory": "tests.test_bench_static:minimal_loop_build",
              "kwargs": {"width": w}, "chip": "v5p"} for i, w in enumerate(widths)]
-    recs = static.compile_and_dump(jobs, str(tmp_path))
+    recs = dump.compile_and_dump(jobs, str(tmp_path))
     got = {}
     for i, w in enumerate(widths):
         assert recs[i]["error"] is None, recs[i]
@@ -346,14 +348,14 @@ def test_whole_path_on_jax_paged_attention(tmp_path, capsys):
     _require_libtpu()
     shape = "decode-b8-ctx1024-p16"
     out = tmp_path / "static.json"
-    rc = static.main(["--kernel", "peer_jax_paged_attention", "--shape", shape,
+    rc = cli.main(["--kernel", "peer_jax_paged", "--shape", shape,
                       "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     (r,) = json.loads(out.read_text())
     assert r["status"] == "ok", r
     assert r["call"].startswith("paged_attention")
-    assert f"| peer_jax_paged_attention | {shape} | v5p |" in printed
+    assert f"| peer_jax_paged | {shape} | v5p |" in printed
     # The main loop is the KV-block loop (depth 2, inside the grid loop), which issues the K and
     # V page DMAs: 8 pages each, for the first block and for the next one.
     assert r["main_loop_depth"] == 2

@@ -8,14 +8,14 @@ from hypothesis import strategies as st
 
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops import block_attention_xla as bax
-from pallas_ops.block_attention import (
+from pallas_ops.block import xla as bax
+from pallas_ops.block import (
     BlockAttentionBlockSizes,
     append_context,
     block_attention,
     check_block_attention_inputs,
 )
-from reference import block_attention as ref
+from reference import block as ref
 from tests.tpu_harness import CHIPS_UNDER_TEST, aot_compile
 
 # Small context tiles so a few hundred cache rows cross several tile boundaries.

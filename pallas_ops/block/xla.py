@@ -4,7 +4,7 @@ This is the model layer's fast CPU backend (and a readable statement of the sema
 jittable with fixed shapes. Unlike the Pallas kernel it touches the whole static cache (masked),
 so its cost grows with S_max; the Pallas kernel's grows with ctx_len.
 
-Semantics (shared with `pallas_ops.block_attention` and `reference.block_attention`): block query
+Semantics (shared with `pallas_ops.block_attention` and `reference.block`): block query
 i of sequence b sits at absolute position ctx_lens[b] + i and attends, without a causal mask, to
 context keys 0..ctx_lens[b]-1 and to all bs block keys. With `sliding_window=W`, context key j is
 visible to block query i only if j > ctx_lens[b] + i - W; block keys are always visible.
@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_ops.block_attention_checks import (
+from pallas_ops.block.validation import (
     check_append_static,
     check_lengths,
     check_static,

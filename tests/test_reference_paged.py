@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from reference.paged_attention import paged_attention, write_kv_pages
+from reference.paged import paged_attention, write_kv_pages
 
 D = 64
 

@@ -16,7 +16,7 @@ last tile (so nothing is fetched) and skip the compute. Greedy sequences skip th
 scalar-prefetched flag per sequence), so a mixed batch pays for sampling only where T > 0.
 
 The draft_probs path runs the same single pass with an online log-sum-exp, then a small jnp step
-(`verify_accept_xla.finish_probs`): accept test u * q(d) < p(d), and at the first rejection a
+(`pallas_ops.verify.xla.finish_probs`): accept test u * q(d) < p(d), and at the first rejection a
 Gumbel-max sample of max(0, p - q) from that one row of logits and q (B x V elements, not
 B x bs x V).
 
@@ -39,15 +39,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_ops import rng
-from pallas_ops.chips import CHIPS, current_chip
-from pallas_ops.execution import resolve_interpret
-from pallas_ops.verify_accept_block_sizes import (LANES, VerifyAcceptBlockSizes,
-                                                  default_block_sizes)
-from pallas_ops.verify_accept_types import VerifyResult
-from pallas_ops.verify_accept_xla import (check_args, finish_probs, row_drafts, row_params,
-                                          seq_valid)
-
-__all__ = ["verify_accept", "VerifyResult", "VerifyAcceptBlockSizes"]
+from pallas_ops.chips import CHIPS
+from pallas_ops.verify.block_sizes import LANES
+from pallas_ops.verify.result import VerifyResult
+from pallas_ops.verify.xla import finish_probs, row_drafts, row_params, seq_valid
 
 _NEG_INF = float("-inf")
 _BIG = 2 ** 31 - 1
@@ -337,51 +332,8 @@ def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpr
     )(*prefetch, *args)
 
 
-def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
-                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
-                  chip=None) -> VerifyResult:
-    """Verify a block of drafts per sequence against the target logits, in one kernel.
-
-    Args:
-      logits: f32 or bf16 [B, bs, V]; row j scores the token that follows block token j.
-      draft_tokens: int32 [B, bs-1], drafts d_1..d_{bs-1}; -1 (or anything outside [0, V)) is
-        padding: rejected, never used as an index.
-      temperature: f32 [B] or None (all greedy). T <= 0 (or NaN) means greedy for that row.
-      seed: int32 [B], per-sequence seed; required when temperature is given.
-      position: int32 [B] or None (0): absolute position of block token 0; row j's noise is keyed
-        by (seed, position + j), so results do not depend on batch order or padding.
-      draft_probs: [B, bs-1, V] float draft distribution q, or None (one-hot drafts).
-      num_seqs: int or int32 scalar; sequences >= num_seqs are padding (never read).
-      block_sizes: `VerifyAcceptBlockSizes` or None (the table for `chip` / the current chip).
-      interpret: see `pallas_ops.execution.resolve_interpret`.
-      chip: 'v5e' | 'v5p' | 'v6e' | None: block-size table and VMEM budget (None: current chip).
-
-    Returns:
-      VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]): tokens = d_1..d_a, then the
-      target's token at position a, then -1. Padding sequences, and sequences whose logits hold a
-      NaN or a row of all -inf: num_accepted 0 and tokens all -1 (see `reference/verify_accept.py`
-      for the exact semantics of every case).
-    """
-    B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
-                          num_seqs)
-    if chip is None:
-        chip = current_chip()
-    itemsize = jnp.dtype(logits.dtype).itemsize
-    if block_sizes is None:
-        block_sizes = default_block_sizes(B, bs, V, itemsize, chip)
-    if not isinstance(block_sizes, VerifyAcceptBlockSizes):
-        raise ValueError(f"block_sizes must be a VerifyAcceptBlockSizes, got {block_sizes!r}")
-    if B % block_sizes.seqs_per_block:
-        raise ValueError(f"block_sizes.seqs_per_block={block_sizes.seqs_per_block} must divide "
-                         f"B={B}")
-    interpret = resolve_interpret(interpret)
-    num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
-    return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
-                       bsz=block_sizes, interpret=interpret, chip=chip)
-
-
 @functools.partial(jax.jit, static_argnames=("bsz", "interpret", "chip"))
-def _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *,
+def run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *,
                 bsz, interpret, chip):
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallas_ops.verify_accept_types import VerifyResult
+from pallas_ops.verify.result import VerifyResult
 from reference import rng
 
 __all__ = ["VerifyResult", "verify_accept"]

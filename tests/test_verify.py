@@ -18,9 +18,9 @@ from hypothesis import given, settings
 from jax.experimental.pallas import tpu as pltpu
 from scipy import stats
 
-from pallas_ops import verify_accept_xla
-from pallas_ops.verify_accept import VerifyAcceptBlockSizes, VerifyResult, verify_accept
-from reference import verify_accept as ref
+from pallas_ops.verify import xla as verify_accept_xla
+from pallas_ops.verify import VerifyAcceptBlockSizes, VerifyResult, verify_accept
+from reference import verify as ref
 from tests.tpu_harness import CHIPS_UNDER_TEST, aot_compile
 
 DTYPES = [jnp.float32, jnp.bfloat16]

@@ -1,77 +1,23 @@
 """Plain-jnp verify/accept: the same contract and random stream as the Pallas kernel.
 
 This is the fast backend for CPU (the model layer's default off TPU) and the shared host-side
-logic of the kernel: argument checks (`check_args`), per-row parameters (`row_params`,
+logic of the kernel: per-row parameters (`row_params`,
 `row_drafts`), the one-hot accept scan (`finish_onehot`) and the draft_probs accept/residual step
 (`finish_probs`, which the kernel's draft_probs path also runs after its single streaming pass).
 
-Semantics are documented in `reference/verify_accept.py` and `pallas_ops.verify_accept`.
+Semantics are documented in `reference/verify.py` and `pallas_ops.verify_accept`.
 Jittable with fixed shapes; `num_seqs` may be a traced int32 scalar.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from pallas_ops import rng
-from pallas_ops.verify_accept_types import VerifyResult
+from pallas_ops.verify.result import VerifyResult
+from pallas_ops.verify.validation import check_args
 
 __all__ = ["VerifyResult", "verify_accept"]
-
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16)
-
-
-def _shape(x):
-    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
-
-
-def _dtype(x):
-    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
-
-
-def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs):
-    """Static checks (shapes, dtypes); raises ValueError naming the argument. Returns (B, bs, V)."""
-    shape = _shape(logits)
-    if len(shape) != 3:
-        raise ValueError(f"logits must be [B, bs, V], got shape {shape}")
-    B, bs, V = shape
-    if B < 1 or bs < 1 or V < 1:
-        raise ValueError(f"logits must have B, bs, V >= 1, got shape {shape}")
-    if _dtype(logits) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-        raise ValueError(f"logits must be float32 or bfloat16, got {_dtype(logits)}")
-    if V >= 2 ** 31 - 1:
-        raise ValueError(f"logits vocabulary {V} does not fit int32 indices")
-    if _shape(draft_tokens) != (B, bs - 1):
-        raise ValueError(f"draft_tokens must be int32 [B, bs-1] = {(B, bs - 1)}, "
-                         f"got {_shape(draft_tokens)}")
-    if not jnp.issubdtype(_dtype(draft_tokens), jnp.integer):
-        raise ValueError(f"draft_tokens must be an integer array, got {_dtype(draft_tokens)}")
-    for name, arr, kind in (("temperature", temperature, jnp.floating),
-                            ("seed", seed, jnp.integer), ("position", position, jnp.integer)):
-        if arr is None:
-            continue
-        if _shape(arr) != (B,):
-            raise ValueError(f"{name} must have shape [B] = {(B,)}, got {_shape(arr)}")
-        if not jnp.issubdtype(_dtype(arr), kind):
-            raise ValueError(f"{name} has dtype {_dtype(arr)}, expected {kind.__name__}")
-    if temperature is not None and seed is None:
-        raise ValueError("seed is required when temperature is given (sampling rows need a key)")
-    if draft_probs is not None:
-        if _shape(draft_probs) != (B, bs - 1, V):
-            raise ValueError(f"draft_probs must be [B, bs-1, V] = {(B, bs - 1, V)}, "
-                             f"got {_shape(draft_probs)}")
-        if not jnp.issubdtype(_dtype(draft_probs), jnp.floating):
-            raise ValueError(f"draft_probs must be floating point, got {_dtype(draft_probs)}")
-    if num_seqs is not None:
-        if isinstance(num_seqs, (int, np.integer)):
-            if not 0 <= int(num_seqs) <= B:
-                raise ValueError(f"num_seqs must be in [0, B={B}], got {num_seqs}")
-        elif _shape(num_seqs) not in ((), (1,)):
-            raise ValueError(f"num_seqs must be an int or an int32 scalar, got shape "
-                             f"{_shape(num_seqs)}")
-    return B, bs, V
-
 
 def row_params(B, bs, temperature, seed, position):
     """Per-row (b, j) parameters: inv_t f32 [B, bs] (1/T, or 1 for greedy rows), gscale f32

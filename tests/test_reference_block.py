@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from reference.block_attention import append_context, block_attention
+from reference.block import append_context, block_attention
 
 NAN = float("nan")
 

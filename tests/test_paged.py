@@ -22,14 +22,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops.paged_attention import (
+from pallas_ops.paged import (
     PagedAttentionBlockSizes,
     check_paged_attention_inputs,
     paged_attention,
     write_kv_pages,
 )
-from pallas_ops.paged_attention_xla import paged_attention_xla, write_kv_pages_xla
-from reference import paged_attention as ref
+from pallas_ops.paged.xla import paged_attention_xla, write_kv_pages_xla
+from reference import paged as ref
 from tests.tpu_harness import CHIPS_UNDER_TEST, aot_compile
 
 HUGE_PAGE = 2 ** 30

@@ -50,7 +50,7 @@ def block_sizes():
     (0 = automatic) for block-size sweeps with `python -m bench static`."""
     import os
 
-    from pallas_ops.paged_attention_block_sizes import PagedAttentionBlockSizes
+    from pallas_ops.paged.block_sizes import PagedAttentionBlockSizes
 
     override = os.environ.get("PALLAS_DFLASH_PA_BLOCKS")
     if not override:
@@ -61,7 +61,7 @@ def block_sizes():
 
 
 def resolved_block_sizes(shape, chip: str):
-    from pallas_ops.paged_attention_block_sizes import resolve
+    from pallas_ops.paged.block_sizes import resolve
 
     q_lens, _ = layout(shape)
     return resolve(block_sizes(), chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,
@@ -75,7 +75,7 @@ def build(shape, *, chip: str = "v5p"):
     import jax
     import jax.numpy as jnp
 
-    from pallas_ops.paged_attention import paged_attention
+    from pallas_ops.paged import paged_attention
 
     dt = jnp.dtype(shape.dtype)
     q_lens, _ = layout(shape)

@@ -1,7 +1,7 @@
 """The peer: jax's bundled Pallas TPU paged attention, at the catalogue's decode shapes.
 
 `jax.experimental.pallas.ops.tpu.paged_attention` (jax 0.10.2) is the kernel ours is measured
-against: same bench protocol as `bench/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
+against: same bench protocol as `bench/kernels/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
 and the wall-clock benchmark treat it like one of ours.
 
 Its contract differs from ours: q is [B, Hq, D] (decode only, one query per sequence) and already
@@ -125,7 +125,7 @@ def main(argv=None):
 
     from pallas_ops.chips import current_chip
 
-    p = argparse.ArgumentParser(prog="python -m bench.peer_jax_paged_attention")
+    p = argparse.ArgumentParser(prog="python -m bench.kernels.peer_jax_paged")
     p.add_argument("--shape", action="append", help="catalogue decode shape (default: all)")
     p.add_argument("--iters", type=int, default=20)
     a = p.parse_args(argv)

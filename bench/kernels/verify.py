@@ -38,7 +38,7 @@ def _itemsize(dtype: str) -> int:
 def block_sizes(shape, chip: str):
     """The table's sizes for `shape` on `chip`; env PALLAS_DFLASH_VA_BLOCKS="seqs,vocab_tile"
     overrides them (for sweeps with `python -m bench static`)."""
-    from pallas_ops.verify_accept_block_sizes import VerifyAcceptBlockSizes, default_block_sizes
+    from pallas_ops.verify.block_sizes import VerifyAcceptBlockSizes, default_block_sizes
 
     override = os.environ.get("PALLAS_DFLASH_VA_BLOCKS")
     if override:
@@ -53,7 +53,7 @@ def build(shape, *, chip: str = "v5p"):
     import jax
     import jax.numpy as jnp
 
-    from pallas_ops.verify_accept import verify_accept
+    from pallas_ops.verify import verify_accept
 
     B, bs, V = shape.batch, shape.block_size, shape.vocab
     S = jax.ShapeDtypeStruct
@@ -90,7 +90,7 @@ def main_loop(shape, *, chip: str = "v5p"):
     (vocab_tile / 1024 trips), then the masked copies (not run)."""
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
-    from pallas_ops.verify_accept import _chunk_unroll
+    from pallas_ops.verify import _chunk_unroll
 
     bsz = block_sizes(shape, chip)
     B, bs, V = shape.batch, shape.block_size, shape.vocab

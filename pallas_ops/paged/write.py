@@ -23,8 +23,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_ops.execution import resolve_interpret
-from pallas_ops.paged_attention_validation import check_paged_attention_inputs, check_static_write
-from pallas_ops.paged_attention_xla import row_sequence_info
+from pallas_ops.paged.validation import check_paged_attention_inputs, check_static_write
+from pallas_ops.paged.xla import row_sequence_info
 
 _TOKENS_PER_BLOCK = 128
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops.block_attention_checks import (
+from pallas_ops.block.validation import (
     CACHE_ROW_MULTIPLE,
     check_append_static,
     check_lengths,

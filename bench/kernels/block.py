@@ -38,7 +38,7 @@ def block_sizes(chip: str):
     it (for block-size sweeps with `python -m bench static`)."""
     import os
 
-    from pallas_ops.block_attention_block_sizes import BlockAttentionBlockSizes, get_block_sizes
+    from pallas_ops.block.block_sizes import BlockAttentionBlockSizes, get_block_sizes
 
     override = os.environ.get("PALLAS_DFLASH_BA_BLOCKS")
     if override:
@@ -52,7 +52,7 @@ def build(shape, *, chip: str = "v5p"):
     import jax
     import jax.numpy as jnp
 
-    from pallas_ops.block_attention import block_attention
+    from pallas_ops.block import block_attention
 
     dt = jnp.dtype(shape.dtype)
     B, bs, Hq, Hkv, D = (shape.batch, shape.block_size, shape.num_q_heads, shape.num_kv_heads,

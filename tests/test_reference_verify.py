@@ -5,7 +5,7 @@ import pytest
 
 from pallas_ops import rng as jrng
 from reference import rng
-from reference.verify_accept import VerifyResult, verify_accept
+from reference.verify import VerifyResult, verify_accept
 
 NEG = -np.inf
 

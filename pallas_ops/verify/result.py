@@ -1,7 +1,7 @@
 """`VerifyResult`, the result type shared by every verify/accept implementation.
 
-`pallas_ops.verify_accept` (the Pallas kernel), `pallas_ops.verify_accept_xla.verify_accept`
-(plain jnp) and `reference.verify_accept.verify_accept` (NumPy float64) all return it. Kept free of
+`pallas_ops.verify_accept` (the Pallas kernel), `pallas_ops.verify.xla.verify_accept`
+(plain jnp) and `reference.verify.verify_accept` (NumPy float64) all return it. Kept free of
 jax imports so the NumPy reference can use it on its own.
 """
 from __future__ import annotations

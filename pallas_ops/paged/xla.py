@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_ops.paged_attention_validation import (
+from pallas_ops.paged.validation import (
     check_paged_attention_inputs,
     check_static_attention,
     check_static_write,

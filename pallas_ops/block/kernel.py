@@ -5,7 +5,7 @@
 Block query i of sequence b sits at absolute position ctx_lens[b] + i and attends, with no causal
 mask, to context keys 0..ctx_lens[b]-1 of the static cache and to all bs keys of its own block.
 With `sliding_window=W`, context key j is visible to block query i only if j > ctx_lens[b] + i - W;
-the block keys always stay visible. See `reference.block_attention` for the float64 reference.
+the block keys always stay visible. See `reference.block` for the float64 reference.
 
 Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbitrary)):
 - ctx_lens is scalar-prefetched. The caches stay in HBM (`pl.ANY`); context tiles of ctx_tile rows
@@ -36,20 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_ops.block_attention_append import append_context
-from pallas_ops.block_attention_block_sizes import BlockAttentionBlockSizes, get_block_sizes
-from pallas_ops.block_attention_checks import (
-    CACHE_ROW_MULTIPLE,
-    check_block_attention_inputs,
-    check_lengths,
-    check_static,
-    is_host_value,
-)
-from pallas_ops.chips import CHIPS, MiB, current_chip
-from pallas_ops.execution import resolve_interpret
-
-__all__ = ["block_attention", "append_context", "BlockAttentionBlockSizes",
-           "check_block_attention_inputs", "vmem_estimate"]
+from pallas_ops.chips import CHIPS, MiB
 
 
 DMA_CHUNK = 128        # granularity of the DMAs of the tile straddling ctx_len (rows)
@@ -277,51 +264,9 @@ def _vmem_budget(chip: str | None) -> int:
     return spec.vmem_bytes if spec else min(c.vmem_bytes for c in CHIPS.values())
 
 
-def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale=None,
-                    sliding_window=None, block_sizes=None, interpret=None, validate=False,
-                    chip=None):
-    """Non-causal block attention of a bs-token block over a static context cache (Pallas TPU).
-
-    Args:
-      q:        [B, bs, Hq, D] bf16/f32, block queries (RoPE applied by the caller); 1 <= bs <= 64.
-      k_block:  [B, bs, Hkv, D] same dtype, the block's own keys; Hq % Hkv == 0.
-      v_block:  [B, bs, Hkv, D] same dtype, the block's own values.
-      k_cache:  [B, Hkv, S_max, D] same dtype, static context keys; rows >= ctx_lens[b] unused.
-        S_max must be a multiple of 8 (cache rows are DMA'd in whole (8, 128) HBM tiles).
-      v_cache:  [B, Hkv, S_max, D] same dtype, static context values.
-      ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
-      sm_scale: softmax scale (default 1/sqrt(D)).
-      sliding_window: None or W >= 1: context key j visible to block query i iff
-        j > ctx_lens[b] + i - W.
-      block_sizes: `BlockAttentionBlockSizes`; None = the table entry for `chip` (default the
-        current chip), else the fallback.
-      interpret: see `pallas_ops.execution.resolve_interpret`.
-      validate: check ctx_lens on the host first (needs concrete values).
-      chip: 'v5e' / 'v5p' / 'v6e' for block sizes and VMEM budget when compiling ahead of time.
-    Returns:
-      [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation). D must be 64, 128 or 256.
-    """
-    B, bs, Hq, Hkv, S_max, D = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
-                                            sliding_window=sliding_window,
-                                            row_multiple=CACHE_ROW_MULTIPLE)
-    if validate or is_host_value(ctx_lens):
-        check_lengths(S_max, ctx_lens)
-    if chip is None:
-        chip = current_chip()
-    if block_sizes is None:
-        block_sizes = get_block_sizes(chip)
-    if not isinstance(block_sizes, BlockAttentionBlockSizes):
-        raise ValueError(f"block_sizes must be a BlockAttentionBlockSizes, got {block_sizes!r}")
-    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
-    return _block_attention(
-        q, k_block, v_block, k_cache, v_cache, jnp.asarray(ctx_lens), scale=scale,
-        window=None if sliding_window is None else int(sliding_window),
-        block_sizes=block_sizes, interpret=resolve_interpret(interpret), chip=chip)
-
-
 @functools.partial(jax.jit, static_argnames=("scale", "window", "block_sizes", "interpret",
                                              "chip"))
-def _block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, window,
+def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, window,
                      block_sizes, interpret, chip):
     B, bs, Hq, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]

@@ -1,0 +1,43 @@
+"""One bench module per kernel (and per peer kernel), and how the benchmarks find them.
+
+A module `bench/kernels/NAME.py` provides `build(shape, *, chip) -> (fn, args)`, `hbm_bytes(shape)`,
+`main_loop(shape, *, chip) -> bench.static.MainLoop`, optionally `shapes()` (CONTRIBUTING.md).
+"""
+from __future__ import annotations
+
+import importlib
+
+# Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped.
+KERNELS = ("paged", "block", "verify", "peer_jax_paged")
+
+
+def load_module(kernel: str):
+    """`bench.<kernel>`, or None with a reason if it is not there (yet) or lacks `build`."""
+    try:
+        mod = importlib.import_module(f"bench.kernels.{kernel}")
+    except ModuleNotFoundError as e:
+        if e.name in (f"bench.kernels.{kernel}",):
+            return None, f"bench/kernels/{kernel}.py not present yet"
+        return None, f"bench/kernels/{kernel}.py failed to import: {e}"
+    except Exception as e:  # noqa: BLE001 - a half-written module must not stop the table
+        return None, f"bench/kernels/{kernel}.py failed to import: {type(e).__name__}: {e}"
+    if not hasattr(mod, "build"):
+        return None, f"bench/kernels/{kernel}.py has no build(shape, *, chip)"
+    return mod, ""
+
+
+def kernel_shapes(kernel: str, mod=None) -> list:
+    """The shapes a kernel runs at: its module's `shapes()` if it has one, else the catalogue's."""
+    if mod is not None and hasattr(mod, "shapes"):
+        return list(mod.shapes())
+    from bench import shapes
+
+    return list(shapes.CATALOGUE.get(kernel, []))
+
+
+def find_shape(kernel: str, name: str, mod=None):
+    for s in kernel_shapes(kernel, mod):
+        if s.name == name:
+            return s
+    raise KeyError(f"no shape {name!r} for {kernel}; known: "
+                   f"{[s.name for s in kernel_shapes(kernel, mod)]}")

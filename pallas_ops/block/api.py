@@ -1,0 +1,59 @@
+"""`block_attention`: the public wrapper of the DFlash draft's block attention kernel.
+
+Static checks run here, before any kernel; block sizes come from `pallas_ops.block.block_sizes`;
+the pallas_call and its body are in `pallas_ops.block.kernel`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+from pallas_ops.block.block_sizes import BlockAttentionBlockSizes, get_block_sizes
+from pallas_ops.block.kernel import run_block_attention
+from pallas_ops.block.validation import (CACHE_ROW_MULTIPLE, check_lengths, check_static,
+                                         is_host_value)
+from pallas_ops.chips import current_chip
+from pallas_ops.execution import resolve_interpret
+
+
+def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale=None,
+                    sliding_window=None, block_sizes=None, interpret=None, validate=False,
+                    chip=None):
+    """Non-causal block attention of a bs-token block over a static context cache (Pallas TPU).
+
+    Args:
+      q:        [B, bs, Hq, D] bf16/f32, block queries (RoPE applied by the caller); 1 <= bs <= 64.
+      k_block:  [B, bs, Hkv, D] same dtype, the block's own keys; Hq % Hkv == 0.
+      v_block:  [B, bs, Hkv, D] same dtype, the block's own values.
+      k_cache:  [B, Hkv, S_max, D] same dtype, static context keys; rows >= ctx_lens[b] unused.
+        S_max must be a multiple of 8 (cache rows are DMA'd in whole (8, 128) HBM tiles).
+      v_cache:  [B, Hkv, S_max, D] same dtype, static context values.
+      ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
+      sm_scale: softmax scale (default 1/sqrt(D)).
+      sliding_window: None or W >= 1: context key j visible to block query i iff
+        j > ctx_lens[b] + i - W.
+      block_sizes: `BlockAttentionBlockSizes`; None = the table entry for `chip` (default the
+        current chip), else the fallback.
+      interpret: see `pallas_ops.execution.resolve_interpret`.
+      validate: check ctx_lens on the host first (needs concrete values).
+      chip: 'v5e' / 'v5p' / 'v6e' for block sizes and VMEM budget when compiling ahead of time.
+    Returns:
+      [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation). D must be 64, 128 or 256.
+    """
+    B, bs, Hq, Hkv, S_max, D = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
+                                            sliding_window=sliding_window,
+                                            row_multiple=CACHE_ROW_MULTIPLE)
+    if validate or is_host_value(ctx_lens):
+        check_lengths(S_max, ctx_lens)
+    if chip is None:
+        chip = current_chip()
+    if block_sizes is None:
+        block_sizes = get_block_sizes(chip)
+    if not isinstance(block_sizes, BlockAttentionBlockSizes):
+        raise ValueError(f"block_sizes must be a BlockAttentionBlockSizes, got {block_sizes!r}")
+    scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
+    return run_block_attention(
+        q, k_block, v_block, k_cache, v_cache, jnp.asarray(ctx_lens), scale=scale,
+        window=None if sliding_window is None else int(sliding_window),
+        block_sizes=block_sizes, interpret=resolve_interpret(interpret), chip=chip)

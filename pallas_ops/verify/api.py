@@ -1,0 +1,58 @@
+"""`verify_accept`: the public wrapper of the fused verify/accept kernel.
+
+Static checks run here (`pallas_ops.verify.validation`), before any kernel; block sizes come from
+`pallas_ops.verify.block_sizes`; the pallas_call and its body are in `pallas_ops.verify.kernel`.
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from pallas_ops.chips import current_chip
+from pallas_ops.execution import resolve_interpret
+from pallas_ops.verify.block_sizes import VerifyAcceptBlockSizes, default_block_sizes
+from pallas_ops.verify.kernel import run_verify_accept
+from pallas_ops.verify.result import VerifyResult
+from pallas_ops.verify.validation import check_args
+
+
+def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
+                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
+                  chip=None) -> VerifyResult:
+    """Verify a block of drafts per sequence against the target logits, in one kernel.
+
+    Args:
+      logits: f32 or bf16 [B, bs, V]; row j scores the token that follows block token j.
+      draft_tokens: int32 [B, bs-1], drafts d_1..d_{bs-1}; -1 (or anything outside [0, V)) is
+        padding: rejected, never used as an index.
+      temperature: f32 [B] or None (all greedy). T <= 0 (or NaN) means greedy for that row.
+      seed: int32 [B], per-sequence seed; required when temperature is given.
+      position: int32 [B] or None (0): absolute position of block token 0; row j's noise is keyed
+        by (seed, position + j), so results do not depend on batch order or padding.
+      draft_probs: [B, bs-1, V] float draft distribution q, or None (one-hot drafts).
+      num_seqs: int or int32 scalar; sequences >= num_seqs are padding (never read).
+      block_sizes: `VerifyAcceptBlockSizes` or None (the table for `chip` / the current chip).
+      interpret: see `pallas_ops.execution.resolve_interpret`.
+      chip: 'v5e' | 'v5p' | 'v6e' | None: block-size table and VMEM budget (None: current chip).
+
+    Returns:
+      VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]): tokens = d_1..d_a, then the
+      target's token at position a, then -1. Padding sequences, and sequences whose logits hold a
+      NaN or a row of all -inf: num_accepted 0 and tokens all -1 (see `reference/verify.py`
+      for the exact semantics of every case).
+    """
+    B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
+                          num_seqs)
+    if chip is None:
+        chip = current_chip()
+    itemsize = jnp.dtype(logits.dtype).itemsize
+    if block_sizes is None:
+        block_sizes = default_block_sizes(B, bs, V, itemsize, chip)
+    if not isinstance(block_sizes, VerifyAcceptBlockSizes):
+        raise ValueError(f"block_sizes must be a VerifyAcceptBlockSizes, got {block_sizes!r}")
+    if B % block_sizes.seqs_per_block:
+        raise ValueError(f"block_sizes.seqs_per_block={block_sizes.seqs_per_block} must divide "
+                         f"B={B}")
+    interpret = resolve_interpret(interpret)
+    num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    return run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
+                             bsz=block_sizes, interpret=interpret, chip=chip)
