@@ -14,6 +14,7 @@ and silently clamps out-of-range indices, so a kernel that passes under it prove
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -64,6 +65,34 @@ def resolve_interpret(interpret=None):
     raise TypeError(
         f"interpret must be None, False or pltpu.InterpretParams, got {type(interpret).__name__}"
     )
+
+
+def race_check_params(dma_execution_mode: str = "on_wait") -> pltpu.InterpretParams:
+    """TPU-interpreter settings that record DMA / memory races instead of stopping at the first.
+
+    Same jax 0.10.2 .. 0.12 behaviour: jax >= 0.11 raises inside the kernel on a race by default
+    (``on_race="raise"``); here a race is reported (``on_race="warn"``) and recorded, so the caller
+    checks `races_found()` after the kernel ran and can still compare its output. NaN-filled
+    uninitialised memory and raising out-of-bounds reads as in `default_interpret_params`.
+    """
+    kw = {}
+    if "on_race" in {f.name for f in dataclasses.fields(pltpu.InterpretParams)}:
+        kw["on_race"] = "warn"
+    return pltpu.InterpretParams(detect_races=True, dma_execution_mode=dma_execution_mode,
+                                 uninitialized_memory="nan", out_of_bounds_reads="raise", **kw)
+
+
+def races_found() -> bool:
+    """Whether the last kernel run under `race_check_params` had a race.
+
+    Raises RuntimeError if no kernel ran with race detection since the interpreter was reset (a
+    check that did not run must not read as "no race").
+    """
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc   # 0.10.2 .. 0.12
+
+    if ipc.races is None:
+        raise RuntimeError("no kernel ran with detect_races=True since the interpreter was reset")
+    return bool(ipc.races.races_found)
 
 
 def is_interpreted(interpret=None) -> bool:

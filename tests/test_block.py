@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jax.experimental.pallas import tpu as pltpu
 
+from pallas_ops.execution import race_check_params, races_found
 from pallas_ops.block import xla as bax
 from pallas_ops.block import (
     BlockAttentionBlockSizes,
@@ -221,15 +221,6 @@ def test_append_property(data):
     _assert_same_cache(vc, want_v)
 
 
-def _race_params(mode):
-    return pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode,
-                                 uninitialized_memory="nan", out_of_bounds_reads="raise")
-
-
-def _races_found():
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    assert ipc.races is not None   # the race detector really ran
-    return ipc.races.races_found
 
 
 @pytest.mark.parametrize("mode", ["on_wait", "eager"])
@@ -239,9 +230,9 @@ def test_no_races(mode, window):
                  dtype=jnp.bfloat16)
     args = make_inputs(7, **shape)
     out = block_attention(*args, sliding_window=window, block_sizes=SMALL,
-                          interpret=_race_params(mode))
+                          interpret=race_check_params(mode))
     jax.block_until_ready(out)
-    assert not _races_found()
+    assert not races_found()
     check_against_reference(out, args, dtype=jnp.bfloat16, sliding_window=window)
 
 
@@ -249,9 +240,9 @@ def test_no_races(mode, window):
 def test_append_no_races(mode):
     args, k_new, v_new, ctx, n_new = _append_inputs(9, jnp.float32)
     kc, vc = append_context(args[3], args[4], k_new, v_new, jnp.asarray(ctx), jnp.asarray(n_new),
-                            interpret=_race_params(mode))
+                            interpret=race_check_params(mode))
     jax.block_until_ready((kc, vc))
-    assert not _races_found()
+    assert not races_found()
     want_k, _ = ref.append_context(to_f64(args[3]), to_f64(args[4]), to_f64(k_new),
                                    to_f64(v_new), ctx, n_new)
     _assert_same_cache(kc, want_k)

@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_ops.execution import race_check_params, races_found
 from pallas_ops.paged import (
     PagedAttentionBlockSizes,
     check_paged_attention_inputs,
@@ -241,16 +242,12 @@ def test_kernel_matches_reference(geo, data):
     pytest.param(GEOMETRIES[3], "on_wait", marks=slow),
 ], ids=lambda x: x.name if isinstance(x, Geometry) else x)
 def test_no_dma_races(geo, mode):
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
     # Two decode rows, a verify block crossing q blocks, a tail page, a full page boundary.
     q_lens = [1, 10, 1, 3][: geo.max_seqs]
     kv_lens = [geo.capacity, 23, 16, 40][: geo.max_seqs]
     case = make_case(geo, q_lens, kv_lens, seed=7)
-    params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode,
-                                   uninitialized_memory="nan", out_of_bounds_reads="raise")
-    out = _kernel(case, interpret=params)
-    assert ipc.races is not None and not ipc.races.races_found
+    out = _kernel(case, interpret=race_check_params(mode))
+    assert not races_found()
     _assert_matches_reference(case, out)
 
 
@@ -344,18 +341,16 @@ def test_write_then_attend_matches_reference(geo, data):
 
 
 def test_write_kv_pages_no_dma_races():
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-
     geo = GEOMETRIES[0]
     case = make_case(geo, [1, 10, 16, 3], [64, 23, 16, 40], seed=2)
     k_before, v_before, k_new, v_new = _split_new_tokens(case)
     for mode in ("on_wait", "eager"):
-        params = pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode)
+        params = race_check_params(mode)
         k_after, v_after = write_kv_pages(k_before, v_before, k_new, v_new, case.kv_lens,
                                           case.page_indices, case.cu_q_lens, case.num_seqs,
                                           interpret=params)
         k_after, v_after = jax.block_until_ready((k_after, v_after))
-        assert ipc.races is not None and not ipc.races.races_found
+        assert not races_found()
         np.testing.assert_array_equal(_bits(k_after), _bits(case.k_pages))
         np.testing.assert_array_equal(_bits(v_after), _bits(case.v_pages))
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
-from jax.experimental.pallas import tpu as pltpu
 from scipy import stats
 
+from pallas_ops.execution import race_check_params, races_found
 from pallas_ops.verify import xla as verify_accept_xla
 from pallas_ops.verify import VerifyAcceptBlockSizes, VerifyResult, verify_accept
 from reference import verify as ref
@@ -379,15 +379,6 @@ def test_kernel_sampling_large_batch_equals_xla():
 # ---------------------------------------------------------------------------------------------
 # Interpreter race checks, static errors, TPU compile.
 
-def _race_params(mode):
-    return pltpu.InterpretParams(detect_races=True, dma_execution_mode=mode,
-                                 uninitialized_memory="nan", out_of_bounds_reads="raise")
-
-
-def _races_found():
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    assert ipc.races is not None
-    return ipc.races.races_found
 
 
 @pytest.mark.parametrize("mode", ["on_wait", "eager"])
@@ -397,9 +388,9 @@ def test_no_races(mode, sampling):
                               pad=2)
     jl, jd, jkw = _to_jnp(logits, d, kw, jnp.bfloat16)
     got = verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(2, 128),
-                        interpret=_race_params(mode), **jkw)
+                        interpret=race_check_params(mode), **jkw)
     jax.block_until_ready(got)
-    assert not _races_found()
+    assert not races_found()
     want = ref.verify_accept(np.asarray(jl.astype(jnp.float32)), d, **_ref_kw(kw, jnp.bfloat16))
     assert_same(got, want)
 
