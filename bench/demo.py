@@ -5,7 +5,7 @@
 
 Loads the target (a 4-layer byte-level code LM, HF naming) and its DFlash drafter (z-lab naming)
 from bench/assets/, takes a handful of prompts from held-out stdlib files (never trained on, see
-models/train_data.py), and decodes them in one run with `SpeculativeDecoder` and with
+models/training/data.py), and decodes them in one run with `SpeculativeDecoder` and with
 `generate_autoregressive`. It asserts that the greedy outputs are identical, prints the generated
 text, tau (mean acceptance length), acceptance by block position, tokens/s of each and the
 speedup, and writes a PNG plot (acceptance by position, tau per prompt) plus the text output next
@@ -56,7 +56,7 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     compiles of prefill shapes first met in the first run, e.g. with queue=True), tau,
     acceptance by position, tokens/s and per-step times. `ar_result` = (output, seconds) of an
     earlier autoregressive run to reuse."""
-    from models.decoder import SpeculativeDecoder, generate_autoregressive
+    from models.decoding import SpeculativeDecoder, generate_autoregressive
 
     max_batch = max_batch or len(prompts)
     max_seq_len = max(len(p) for p in prompts) + max_new_tokens
@@ -99,7 +99,7 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
 
 
 def _ar(target, prompts, max_new_tokens, ar_kw, queue):
-    from models.decoder import AutoregressiveDecoder, generate_autoregressive
+    from models.decoding import AutoregressiveDecoder, generate_autoregressive
 
     if not queue:
         return generate_autoregressive(target, prompts, max_new_tokens=max_new_tokens, **ar_kw)
@@ -165,7 +165,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     t_start = time.perf_counter()
 
-    from models import train_data
+    from models.training import data as train_data
 
     target, draft = load_pair(args.assets)
     tc, dc = target.config, draft.config
@@ -192,7 +192,7 @@ def main(argv=None):
         max_new = int(1 + sum(acc[:args.steps]))
         print(f"(xla reference run: the first {args.steps} steps emit {max_new} tokens)")
         # the autoregressive reference is the xla run's (same numerics contract), cut to length
-        from models.decoder import GenerationOutput
+        from models.decoding import GenerationOutput
 
         ar0 = r0["ar"]
         ar_cut = GenerationOutput([t[:max_new] for t in ar0.tokens],

@@ -4,7 +4,7 @@
         [--max-new-tokens 128]
         [--backend xla] [--repeats 3] [--out bench/assets/e2e]
 
-For each block size: every prompt (from held-out stdlib files, models/train_data.py) is decoded
+For each block size: every prompt (from held-out stdlib files, models/training/data.py) is decoded
 by `SpeculativeDecoder` and by autoregressive decoding over the same kernels and cache, `--batch`
 sequences at a time (slots refilled as sequences finish); the greedy outputs must be identical
 (checked). Reports tau (mean acceptance length, i.e. tokens per target step, against the target's
@@ -45,7 +45,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ASSETS, "e2e"))
     args = p.parse_args(argv)
 
-    from models import train_data
+    from models.training import data as train_data
     from models.loading import load_draft
 
     target, draft = load_pair(args.assets)

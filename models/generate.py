@@ -78,7 +78,7 @@ def main(argv=None):
     import jax.numpy as jnp
     from flax import nnx
 
-    from models.decoder import AutoregressiveDecoder, SpeculativeDecoder, print_progress
+    from models.decoding import AutoregressiveDecoder, SpeculativeDecoder, print_progress
 
     dtype = jnp.dtype(args.dtype) if args.dtype else None
     if args.tiny_random:

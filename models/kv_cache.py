@@ -1,7 +1,7 @@
 """Device caches: the target's paged KV cache and the draft's static context cache.
 
 Both are tuples over layers of (k, v) device arrays, updated functionally inside the jitted step
-functions (donated, so in place). Lengths live on the host (`models.decoder`).
+functions (donated, so in place). Lengths live on the host (`models.decoding`).
 """
 from __future__ import annotations
 

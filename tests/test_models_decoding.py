@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import jax.numpy as jnp
 
-from models.decoder import (AutoregressiveDecoder, SpeculativeDecoder, TRACE_COUNTS,
+from models.decoding import (AutoregressiveDecoder, SpeculativeDecoder, TRACE_COUNTS,
                             generate_autoregressive)
 from models.draft import DraftModel
 from models.target import TargetModel

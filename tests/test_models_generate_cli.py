@@ -7,7 +7,7 @@ import re
 import pytest
 from flax import nnx
 
-from models.decoder import generate_autoregressive
+from models.decoding import generate_autoregressive
 from models.draft import DraftModel
 from models.generate import main
 from models.loading import save_checkpoint

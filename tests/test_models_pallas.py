@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from models.config import TargetConfig, RopeScaling
-from models.decoder import SpeculativeDecoder, generate_autoregressive
+from models.decoding import SpeculativeDecoder, generate_autoregressive
 from models.draft import DraftModel
 from models.ops import get_ops
 from models.target import TargetModel

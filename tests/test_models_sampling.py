@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from scipy import stats
 
-from models.decoder import SpeculativeDecoder, generate_autoregressive
+from models.decoding import SpeculativeDecoder, generate_autoregressive
 from models.draft import DraftModel
 from models.target import TargetModel
 from models.testing import perturb_norms, tiny_draft_config, tiny_target_config

@@ -1,4 +1,4 @@
-"""Training-step tests on tiny shapes (models.train), and the shipped demo checkpoints.
+"""Training-step tests on tiny shapes (models.training), and the shipped demo checkpoints.
 
 - target pre-training and drafter training make the loss fall on a memorisable sequence;
 - the packed training mask: a block sees only the context before its anchor and its own block
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import train, train_data
+from models.training import data as train_data
+from models.training import objectives, optim
 from models.draft import DraftModel
 from models.target import TargetModel
 from models.testing import perturb_norms, tiny_draft_config, tiny_target_config
@@ -37,19 +38,19 @@ def _pair(draft_layers=2, seed=0):
 
 
 def _block_ce(target, draft, tokens, anchors, feats=None, labels=None):
-    f, lab = train.target_features(target, tokens, draft.config.target_layer_ids)
+    f, lab = objectives.target_features(target, tokens, draft.config.target_layer_ids)
     feats = f if feats is None else feats
     labels = lab if labels is None else labels
-    ce, _ = train.draft_block_outputs(draft, target, tokens, feats, labels, anchors)
+    ce, _ = objectives.draft_block_outputs(draft, target, tokens, feats, labels, anchors)
     return np.asarray(ce), np.asarray(feats)
 
 
 def test_target_loss_decreases_on_memorisable_sequence():
     tcfg = tiny_target_config(vocab_size=96, num_layers=2)
     model = TargetModel(tcfg, rngs=nnx.Rngs(0))
-    opt, _ = train.make_optimizer(3e-3, 60, warmup=0.05)
+    opt, _ = optim.make_optimizer(3e-3, 60, warmup=0.05)
     graphdef, state = nnx.split(model)
-    step, evaluate = train.make_target_step(graphdef, opt)
+    step, evaluate = objectives.make_target_step(graphdef, opt)
     rng = np.random.default_rng(0)
     tokens = jnp.asarray(rng.integers(0, 96, size=(2, 33)), jnp.int32)
     opt_state = opt.init(state)
@@ -66,12 +67,12 @@ def test_draft_loss_decreases_and_target_stays_frozen():
     gd, dstate = nnx.split(draft)
     gt, tstate = nnx.split(target)
     before_t = jax.tree.map(np.asarray, tstate)
-    opt, _ = train.make_optimizer(3e-3, 80, warmup=0.05)
-    step, evaluate = train.make_draft_step(gd, gt, opt, feature_layers=(0, 2), label_kind="data",
-                                           weights=train.block_weights(BS))
+    opt, _ = optim.make_optimizer(3e-3, 80, warmup=0.05)
+    step, evaluate = objectives.make_draft_step(gd, gt, opt, feature_layers=(0, 2), label_kind="data",
+                                           weights=objectives.block_weights(BS))
     rng = np.random.default_rng(1)
     tokens = jnp.asarray(rng.integers(0, 95, size=(2, 40)), jnp.int32)
-    anchors = jnp.asarray(train.sample_anchors(rng, 2, 40, 4, BS))
+    anchors = jnp.asarray(objectives.sample_anchors(rng, 2, 40, 4, BS))
     opt_state = opt.init(dstate)
     loss0, tau0, _ = evaluate(dstate, tstate, tokens, anchors)
     for _ in range(80):
@@ -91,7 +92,7 @@ def test_mask_blocks_future_context_and_other_blocks():
     tokens = jnp.asarray(rng.integers(0, 95, size=(1, t)), jnp.int32)
     anchors = jnp.asarray([[5, 20, 33]], jnp.int32)
     base, feats = _block_ce(target, draft, tokens, anchors)
-    _, labels = train.target_features(target, tokens, (0, 2))
+    _, labels = objectives.target_features(target, tokens, (0, 2))
 
     # 1. features at and after block 1's anchor (positions >= 20) are invisible to blocks 0 and 1
     f2 = feats.copy()
@@ -124,12 +125,12 @@ def test_packed_forward_equals_decoder_dense_forward():
     t = 40
     tokens = jnp.asarray(rng.integers(0, 95, size=(2, t)), jnp.int32)
     anchors = np.asarray([[3, 17, 30], [9, 12, 25]], np.int32)
-    feats, _ = train.target_features(target, tokens, (0, 2))
+    feats, _ = objectives.target_features(target, tokens, (0, 2))
     b, a = anchors.shape
     first = np.take_along_axis(np.asarray(tokens), anchors, axis=1)
     block = np.concatenate([first[:, :, None], np.full((b, a, BS - 1), 95)], axis=2)
     emb = target.embed(jnp.asarray(block.reshape(b, a * BS), jnp.int32))
-    h = train.packed_draft_hidden(draft, draft.context(feats), emb, jnp.asarray(anchors), BS)
+    h = objectives.packed_draft_hidden(draft, draft.context(feats), emb, jnp.asarray(anchors), BS)
     h = np.asarray(h).reshape(b, a, BS, -1)
     for i in range(b):
         for j in range(a):
@@ -139,14 +140,14 @@ def test_packed_forward_equals_decoder_dense_forward():
 
 
 def test_block_weights_and_anchors():
-    w = train.block_weights(16)
+    w = objectives.block_weights(16)
     np.testing.assert_allclose(w, np.exp(-np.arange(15) / 7.0), rtol=1e-6)
     rng = np.random.default_rng(0)
-    a = train.sample_anchors(rng, 50, 64, 10, 16, low=8)
+    a = objectives.sample_anchors(rng, 50, 64, 10, 16, low=8)
     assert a.min() >= 8 and a.max() <= 64 - 16
     assert all(len(set(r)) == 10 for r in a)
     with pytest.raises(ValueError, match="anchors do not fit"):
-        train.sample_anchors(rng, 1, 20, 10, 16)
+        objectives.sample_anchors(rng, 1, 20, 10, 16)
 
 
 def test_saved_then_loaded_drafter_reproduces_logits(tmp_path):
@@ -179,7 +180,7 @@ def test_corpus_split_is_fixed_and_disjoint():
 
 def test_shipped_checkpoints_load_and_decode():
     from models.config import check_draft_fits_target
-    from models.decoder import SpeculativeDecoder, generate_autoregressive
+    from models.decoding import SpeculativeDecoder, generate_autoregressive
     from models.loading import load_draft, load_target
 
     tdir, ddir = os.path.join(ASSETS, "target"), os.path.join(ASSETS, "draft")

@@ -1,0 +1,83 @@
+"""The plain autoregressive baseline: one target step per token, same kernels and cache."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.decoding.engine import Engine, GenerationOutput, next_pow2
+from models.sampling import sample_tokens
+from models.target import TargetModel
+
+
+class AutoregressiveDecoder(Engine):
+    """Plain decoding (one target step per token) over the same kernels and cache."""
+
+    extra_positions = 1
+
+    def _step_fn(self):
+        gt, ops = self._gt, self.ops
+        B = self.max_batch
+
+        def step(st, tcache, last, lens, order, num_seqs, page_idx, temp, seeds):
+            target = nnx.merge(gt, st)
+            live = jnp.arange(B) < num_seqs
+            kv_lens = jnp.where(live, lens[order] + 1, 0)
+            cu = jnp.minimum(jnp.arange(B + 1), num_seqs).astype(jnp.int32)
+            h, _, tcache = target.forward(last[order], lens[order], tcache, kv_lens, page_idx,
+                                          cu, num_seqs, ops=ops)
+            inv = jnp.argsort(order)
+            logits = target.logits(h[inv])
+            return sample_tokens(logits, temp, seeds, lens + 1), tcache
+        return step
+
+    def _decode_step(self, active, last, temperature, seed_of, slot_req, out):
+        B = self.max_batch
+        order = np.array(active + [s for s in range(B) if s not in active], np.int32)
+        lens = np.where(np.isin(np.arange(B), active), self.slot_len, 0).astype(np.int32)
+        temp = np.full(B, temperature, np.float32)
+        seeds = np.array([seed_of.get(s, 0) for s in range(B)], np.int32)
+        fn = self._jit("ar_step", (self._gt, B, self.backend), self._step_fn, donate=(1,))
+        nxt, self.target_cache = fn(self._st, self.target_cache, last.astype(np.int32), lens,
+                                    order, np.int32(len(active)),
+                                    self.allocator.page_table[order], temp, seeds)
+        nxt = np.asarray(nxt)
+        result = {}
+        for s in active:
+            self.slot_tokens[s].append(int(last[s]))
+            self.slot_len[s] += 1
+            result[s] = [int(nxt[s])]
+        return result
+
+
+_AR_DECODERS: dict = {}   # reuse compiled step functions across calls (sizes rounded up)
+
+
+def generate_autoregressive(target: TargetModel, prompts, *, max_new_tokens: int,
+                            temperature: float = 0.0, seed: int = 0, eos_token_id=None,
+                            max_batch: int | None = None, max_seq_len: int | None = None,
+                            page_size: int = 16, backend: str = "xla",
+                            poison: bool = False) -> GenerationOutput:
+    """Plain decoding baseline over the same kernels and cache.
+
+    Runs an `AutoregressiveDecoder` sized for these prompts (max_batch and max_seq_len default to
+    powers of two above what the prompts need; decoders are cached per target and size, so
+    repeated calls do not recompile). Same arguments and result as `SpeculativeDecoder.generate`
+    (acceptance_lengths empty)."""
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        raise ValueError("no prompts given")
+    max_batch = max_batch or next_pow2(len(prompts))
+    max_seq_len = max_seq_len or next_pow2(max(len(p) for p in prompts) + max_new_tokens)
+    key = (id(target), max_batch, max_seq_len, page_size, backend, poison)
+    dec = _AR_DECODERS.get(key)
+    if dec is not None and dec.target is target:
+        dec.sync_weights()
+    else:
+        dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
+                                    page_size=page_size, backend=backend, poison=poison)
+        if len(_AR_DECODERS) >= 8:
+            _AR_DECODERS.pop(next(iter(_AR_DECODERS)))
+        _AR_DECODERS[key] = dec
+    return dec.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed, eos_token_id=eos_token_id)

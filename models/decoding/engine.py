@@ -1,0 +1,350 @@
+"""What the speculative and the autoregressive decoders share: slots, pages, prefill, the host
+loop.
+
+Host state per slot: the committed length L (target KV and draft context both hold positions
+0..L-1), the last emitted token (fed at position L next), pages (`PageAllocator`). Sequences
+finish independently (EOS or max_new_tokens); their pages are freed and the slot can take a new
+prompt.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import sys
+import time
+from typing import Callable, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.kv_cache import make_paged_cache
+from models.ops import get_ops
+from models.page_allocator import PageAllocator
+from models.sampling import sample_tokens
+from models.target import TargetModel
+
+UNUSED_PAGE = 2**30   # page-table filler when poison=True: a stray read of it fails loudly
+TRACE_COUNTS: collections.Counter = collections.Counter()
+_JIT_CACHE: dict = {}
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    """Per prompt (in input order): generated tokens (prompt excluded, EOS included when hit),
+    acceptance lengths of every speculative step (tau = accepted drafts + 1; empty for
+    autoregressive decoding) and why it stopped ("eos" or "length")."""
+    tokens: list[list[int]]
+    acceptance_lengths: list[list[int]]
+    finish_reasons: list[str]
+    num_steps: int = 0          # decode steps (device calls) after prefill
+    decode_seconds: float = 0.0
+
+    @property
+    def mean_acceptance(self) -> float:
+        taus = [t for seq in self.acceptance_lengths for t in seq]
+        return float(np.mean(taus)) if taus else float("nan")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class Engine:
+    """What the speculative and the autoregressive decoders share: target, pages, prefill."""
+
+    has_draft = False   # a subclass with a draft model (its context cache is filled at prefill)
+
+    extra_positions = 1      # positions written past L in one step
+
+    def __init__(self, target: TargetModel, *, max_batch: int, max_seq_len: int,
+                 page_size: int = 16, backend: str = "xla", prefill_chunk: int = 256,
+                 num_pages: int | None = None, poison: bool = False):
+        if not isinstance(target, TargetModel):
+            raise TypeError(f"target must be a TargetModel, got {type(target).__name__}")
+        for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
+                        ("page_size", page_size), ("prefill_chunk", prefill_chunk)):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+        self.target = target
+        self.cfg = target.config
+        self.ops = get_ops(backend)
+        self.backend = backend
+        self.max_batch, self.max_seq_len, self.page_size = max_batch, max_seq_len, page_size
+        self.prefill_chunk = prefill_chunk
+        self.poison = poison
+        self.pages_per_seq = -(-(max_seq_len + self.extra_positions) // page_size)
+        self.num_pages = num_pages if num_pages is not None else max_batch * self.pages_per_seq
+        self.allocator = PageAllocator(self.num_pages, page_size, max_batch, self.pages_per_seq,
+                                       unused_index=UNUSED_PAGE if poison else 0)
+        fill = float("nan") if poison else 0.0
+        c = self.cfg
+        self.target_cache = make_paged_cache(c.num_layers, c.num_kv_heads, self.num_pages,
+                                             page_size, c.head_dim, target.dtype, fill)
+        self._gt, self._st = nnx.split(target)
+        # host state per slot
+        self.slot_len = np.zeros(max_batch, np.int64)          # committed length L
+        self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens at 0..L-1
+
+    feature_layers: tuple[int, ...] = ()   # target layers whose outputs the draft reads
+
+    # -- validation ------------------------------------------------------------------------------
+    def _check_request(self, prompts, max_new_tokens, temperature, queue):
+        if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
+            prompts = [prompts]
+        prompts = [[int(t) for t in p] for p in prompts]
+        if not prompts:
+            raise ValueError("no prompts given")
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) \
+                or temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if len(prompts) > self.max_batch and not queue:
+            raise ValueError(f"{len(prompts)} prompts > max_batch={self.max_batch} (pass "
+                             f"queue=True to run them through the slots in turn)")
+        vocab = self.cfg.vocab_size
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+            if len(p) + max_new_tokens > self.max_seq_len:
+                raise ValueError(f"prompt {i} has {len(p)} tokens; with max_new_tokens="
+                                 f"{max_new_tokens} it needs {len(p) + max_new_tokens} positions "
+                                 f"> max_seq_len={self.max_seq_len}")
+            bad = [t for t in p if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
+        return prompts
+
+    def sync_weights(self) -> None:
+        """Pick up parameter values changed in the models since this decoder was built (the
+        decoder holds the parameter arrays it was given; flattening the models on every call
+        would cost milliseconds)."""
+        self._st = nnx.state(self.target)
+        if self.has_draft:
+            self._sd = nnx.state(self.draft)
+
+    # -- jit plumbing ----------------------------------------------------------------------------
+    @property
+    def trace_counts(self) -> collections.Counter:
+        """How often each step function was traced (process-wide: decoders over models of the
+        same structure share their compiled step functions)."""
+        return TRACE_COUNTS
+
+    def _jit(self, name, key, build, donate, variant=()):
+        # per-decoder memo first: hashing the graphdefs in `key` costs milliseconds per step
+        local = self.__dict__.setdefault("_local_jit", {})
+        if (name, variant) in local:
+            return local[(name, variant)]
+        full = (name, key)
+        if full not in _JIT_CACHE:
+            fn = build()
+
+            def counted(*args):
+                TRACE_COUNTS[name] += 1
+                return fn(*args)
+            _JIT_CACHE[full] = jax.jit(counted, donate_argnums=donate)
+        local[(name, variant)] = _JIT_CACHE[full]
+        return _JIT_CACHE[full]
+
+    def _prefill_fn(self, with_draft: bool):
+        gt = self._gt
+        gd = self._gd if with_draft else None
+        feature_layers = self.feature_layers
+        ops = self.ops
+
+        def prefill(st, tcache, dstate, dcache, tokens, positions, kv_lens, page_idx, cu,
+                    num_seqs, last_rows, temp, seeds, sample_pos, row_start, n_new, ctx_lens):
+            target = nnx.merge(gt, st)
+            h, feats, tcache = target.forward(tokens, positions, tcache, kv_lens, page_idx, cu,
+                                              num_seqs, ops=ops,
+                                              feature_layers=feature_layers if with_draft else ())
+            logits = target.logits(h[last_rows])
+            first = sample_tokens(logits, temp, seeds, sample_pos)
+            if with_draft:
+                draft = nnx.merge(gd, dstate)
+                ctx = draft.context(feats)                                   # [T, H]
+                t_pad = tokens.shape[0]
+                n_max = min(t_pad, dcache[0][0].shape[2])     # a slot's rows fit its cache
+                rows = jnp.clip(row_start[:, None] + jnp.arange(n_max), 0, t_pad - 1)
+                # a prompt token's context position is its own position
+                dcache = draft.append_rows(ctx, positions, rows, dcache, ctx_lens, n_new,
+                                           ops=ops)
+            return first, tcache, dcache
+        return prefill
+
+    # -- prefill ---------------------------------------------------------------------------------
+    def _prefill(self, jobs, temp_of, seed_of):
+        """jobs: list of (slot, prompt). Runs the prompts in chunks; returns {slot: first token}."""
+        B = self.max_batch
+        done = {slot: 0 for slot, _ in jobs}
+        prompts = dict(jobs)
+        first_tokens = {}
+        with_draft = self.has_draft
+        while any(done[s] < len(prompts[s]) for s in done):
+            budget, chunk = self.prefill_chunk, []
+            for slot, p in jobs:
+                rem = len(p) - done[slot]
+                if rem > 0 and budget > 0:
+                    n = min(rem, budget)
+                    chunk.append((slot, done[slot], n))
+                    budget -= n
+            total = sum(n for _, _, n in chunk)
+            t_pad = max(8, next_pow2(total))
+            tokens = np.zeros(t_pad, np.int32)
+            positions = np.zeros(t_pad, np.int32)
+            kv_lens = np.zeros(B, np.int32)
+            page_idx = np.full((B, self.pages_per_seq), self.allocator.unused_index, np.int32)
+            cu = np.zeros(B + 1, np.int32)
+            last_rows = np.zeros(B, np.int32)
+            temp = np.zeros(B, np.float32)
+            seeds = np.zeros(B, np.int32)
+            sample_pos = np.zeros(B, np.int32)
+            row_start = np.zeros(B, np.int32)
+            n_new = np.zeros(B, np.int32)
+            ctx_lens = np.zeros(B, np.int32)
+            r = 0
+            for s, (slot, start, n) in enumerate(chunk):
+                tokens[r:r + n] = prompts[slot][start:start + n]
+                positions[r:r + n] = np.arange(start, start + n)
+                kv_lens[s] = start + n
+                page_idx[s] = self.allocator.page_table[slot]
+                cu[s + 1] = r + n
+                last_rows[s] = r + n - 1
+                temp[s], seeds[s], sample_pos[s] = temp_of(slot), seed_of(slot), start + n
+                row_start[slot], n_new[slot], ctx_lens[slot] = r, n, start
+                r += n
+            cu[len(chunk) + 1:] = r
+            key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend)
+            fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3),
+                           variant=(with_draft,))
+            dstate = self._sd if with_draft else None
+            dcache = self.draft_cache if with_draft else None
+            first, self.target_cache, dcache = fn(
+                self._st, self.target_cache, dstate, dcache, tokens, positions, kv_lens, page_idx,
+                cu, np.int32(len(chunk)), last_rows, temp, seeds, sample_pos, row_start, n_new,
+                ctx_lens)
+            if with_draft:
+                self.draft_cache = dcache
+            first = np.asarray(first)
+            for s, (slot, start, n) in enumerate(chunk):
+                done[slot] = start + n
+                if done[slot] == len(prompts[slot]):
+                    first_tokens[slot] = int(first[s])
+        for slot, p in jobs:
+            self.slot_len[slot] = len(p)
+            self.slot_tokens[slot] = list(p)
+        return first_tokens
+
+    # -- the host loop ---------------------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, seed: int = 0,
+                 eos_token_id: int | Iterable[int] | None = None, queue: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> GenerationOutput:
+        """Generate up to `max_new_tokens` tokens for every prompt (lists of token ids).
+
+        temperature 0 = greedy; > 0 samples (exactly from softmax(logits / T), per sequence seed
+        derived from `seed` and the prompt's index, so outputs do not depend on batch layout).
+        Sequences stop at EOS (included in the output) or after max_new_tokens. With
+        queue=True more prompts than max_batch may be given: they wait for a free slot.
+        `progress(tokens_generated, steps)` is called after every decode step.
+        """
+        prompts = self._check_request(prompts, max_new_tokens, temperature, queue)
+        eos = set() if eos_token_id is None else (
+            {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer))
+            else {int(e) for e in eos_token_id})
+        n = len(prompts)
+        out = [[] for _ in range(n)]
+        taus = [[] for _ in range(n)]
+        reasons = [""] * n
+        pending = collections.deque(range(n))
+        slot_req = [-1] * self.max_batch          # request in each slot, -1 = free
+        last = np.zeros(self.max_batch, np.int32)
+        seeds = np.array([(seed * 1_000_003 + i) % (2**31 - 1) for i in range(n)], np.int64)
+        steps, generated = 0, 0
+        decode_time = 0.0
+
+        def emit(slot, toks):
+            """Append tokens to the slot's request; True when it finished."""
+            req = slot_req[slot]
+            for t in toks:
+                out[req].append(int(t))
+                if int(t) in eos:
+                    reasons[req] = "eos"
+                    return True
+                if len(out[req]) >= max_new_tokens:
+                    reasons[req] = "length"
+                    return True
+            return False
+
+        def finish(slot):
+            self.allocator.free(slot)
+            slot_req[slot] = -1
+
+        try:
+            while pending or any(r >= 0 for r in slot_req):
+                jobs = []
+                for slot in range(self.max_batch):
+                    if slot_req[slot] >= 0 or not pending:
+                        continue
+                    req = pending[0]
+                    need = len(prompts[req]) + max_new_tokens + self.extra_positions
+                    if not self.allocator.can_allocate(slot, need):
+                        break
+                    pending.popleft()
+                    self.allocator.ensure(slot, need)
+                    slot_req[slot] = req
+                    jobs.append((slot, prompts[req]))
+                if not jobs and not any(r >= 0 for r in slot_req):
+                    raise RuntimeError(f"not enough KV pages for prompt {pending[0]} "
+                                       f"({self.allocator.num_free} free of {self.num_pages})")
+                if jobs:
+                    firsts = self._prefill(jobs, lambda s: temperature,
+                                           lambda s: int(seeds[slot_req[s]]))
+                    for slot, _ in jobs:
+                        last[slot] = firsts[slot]
+                        generated += 1
+                        if emit(slot, [firsts[slot]]):
+                            finish(slot)
+                active = [s for s in range(self.max_batch) if slot_req[s] >= 0]
+                if not active:
+                    continue
+                ts = time.perf_counter()
+                accepted = self._decode_step(active, last, temperature,
+                                             {s: int(seeds[slot_req[s]]) for s in active}, slot_req,
+                                             out)
+                decode_time += time.perf_counter() - ts
+                steps += 1
+                for slot, toks in accepted.items():
+                    req = slot_req[slot]
+                    before = len(out[req])
+                    if self.extra_positions > 1:
+                        taus[req].append(len(toks))
+                    done = emit(slot, toks)
+                    generated += len(out[req]) - before
+                    last[slot] = toks[-1]
+                    if done:
+                        finish(slot)
+                if progress is not None:
+                    progress(generated, steps)
+        finally:                              # on error too: no slot keeps its pages
+            for slot in range(self.max_batch):
+                if slot_req[slot] >= 0:
+                    finish(slot)
+        return GenerationOutput(out, taus, reasons, steps, decode_time)
+
+
+def print_progress(every: int = 16, stream=sys.stderr):
+    """A `progress` callback printing tokens generated every `every` steps."""
+    start = time.perf_counter()
+
+    def cb(generated, steps):
+        if steps % every == 0:
+            dt = time.perf_counter() - start
+            print(f"[{steps} steps] {generated} tokens, {generated / max(dt, 1e-9):.1f} tok/s",
+                  file=stream, flush=True)
+    return cb

@@ -1,0 +1,139 @@
+"""DFlash speculative decoding: draft a block in one pass, verify it with the target."""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from models.config import check_draft_fits_target
+from models.decoding.engine import Engine
+from models.draft import DraftModel
+from models.kv_cache import make_context_cache
+from models.target import TargetModel
+
+
+class SpeculativeDecoder(Engine):
+    """DFlash speculative decoding: draft a block in one pass, verify it with the target.
+
+    block_size defaults to the draft config's (the size it was trained for; a different one runs
+    but drafts worse). max_seq_len bounds prompt + max_new_tokens; the caches hold block_size
+    positions more (the verify block is written past the committed length).
+
+    `proposal_override` (tests, experiments): a callable (request index, tokens generated so
+    far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
+    model's proposals for that sequence (the draft model still runs and keeps its context, so its
+    state can be checked). See `models.testing`.
+
+    The decoder holds the parameter arrays the models had when it was built: after changing the
+    weights, call `sync_weights()`.
+    """
+
+    has_draft = True
+
+    def __init__(self, target: TargetModel, draft: DraftModel, *, max_batch: int,
+                 max_seq_len: int, page_size: int = 16, backend: str = "xla",
+                 prefill_chunk: int = 256, num_pages: int | None = None, poison: bool = False,
+                 block_size: int | None = None, proposal_override: Callable | None = None):
+        if not isinstance(draft, DraftModel):
+            raise TypeError(f"draft must be a DraftModel, got {type(draft).__name__}")
+        check_draft_fits_target(draft.config, target.config)
+        if draft.dtype != target.dtype:
+            raise ValueError(f"draft dtype {draft.dtype} != target dtype {target.dtype}")
+        self.block_size = draft.config.block_size if block_size is None else block_size
+        if not isinstance(self.block_size, int) or not 2 <= self.block_size <= 64:
+            raise ValueError(f"block_size must be an int in [2, 64], got {self.block_size!r}")
+        self.extra_positions = self.block_size
+        self.feature_layers = tuple(draft.config.target_layer_ids)
+        super().__init__(target, max_batch=max_batch, max_seq_len=max_seq_len,
+                         page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
+                         num_pages=num_pages, poison=poison)
+        self.draft = draft
+        self._gd, self._sd = nnx.split(draft)
+        d = draft.config
+        # capacity: every committed position plus one block; a multiple of 16 rows (the Pallas
+        # kernels move cache rows in whole (8|16, 128) HBM tiles)
+        self.max_ctx = -(-(max_seq_len + self.block_size) // 16) * 16
+        self.draft_cache = make_context_cache(d.num_layers, max_batch, d.num_kv_heads,
+                                              self.max_ctx, d.head_dim, draft.dtype,
+                                              float("nan") if poison else 0.0)
+        self.proposal_override = proposal_override
+
+    def _step_fn(self, greedy: bool, override: bool):
+        gt, gd, ops = self._gt, self._gd, self.ops
+        B, bs = self.max_batch, self.block_size
+        mask_id = self.draft.config.mask_token_id
+        feature_layers = self.feature_layers
+
+        def step(st, tcache, sd, dcache, last, lens, active, order, num_seqs, page_idx, temp,
+                 seeds, ext):
+            target = nnx.merge(gt, st)
+            draft = nnx.merge(gd, sd)
+            # 1. draft: [last, MASK...] at positions [L, L+bs), context = positions 0..L-1
+            block = jnp.concatenate(
+                [last[:, None], jnp.full((B, bs - 1), mask_id, jnp.int32)], axis=1)
+            pos = lens[:, None] + jnp.arange(bs, dtype=jnp.int32)
+            h = draft(target.embed(block), pos, dcache, lens, ops=ops)
+            drafts = jnp.argmax(target.logits(h[:, 1:]), axis=-1).astype(jnp.int32)
+            if override:
+                drafts = jnp.where(ext >= 0, ext, drafts)
+            # 2. verify: target on the bs block tokens of every live sequence (live first)
+            vtok = jnp.concatenate([last[:, None], drafts], axis=1)
+            live = jnp.arange(B) < num_seqs
+            kv_lens = jnp.where(live, lens[order] + bs, 0)
+            cu = (jnp.minimum(jnp.arange(B + 1), num_seqs) * bs).astype(jnp.int32)
+            hv, feats, tcache = target.forward(vtok[order].reshape(-1), pos[order].reshape(-1),
+                                               tcache, kv_lens, page_idx, cu, num_seqs, ops=ops,
+                                               feature_layers=feature_layers)
+            inv = jnp.argsort(order)
+            hv = hv.reshape(B, bs, -1)[inv]
+            feats = feats.reshape(B, bs, -1)[inv]
+            logits = target.logits(hv)                                       # [B, bs, V] f32
+            # 3. accept
+            if greedy:
+                res = ops.verify_accept(logits, drafts)
+            else:
+                res = ops.verify_accept(logits, drafts, temperature=temp, seed=seeds,
+                                        position=lens)
+            num_acc = res.num_accepted.astype(jnp.int32)
+            # 4. commit: exactly the accepted positions' features join the draft context
+            n_new = jnp.where(active, num_acc + 1, 0).astype(jnp.int32)
+            dcache = draft.append_context(feats, pos, dcache, lens, n_new, ops=ops)
+            return num_acc, res.tokens, drafts, tcache, dcache
+        return step
+
+    def _decode_step(self, active, last, temperature, seed_of, slot_req, out):
+        B, bs = self.max_batch, self.block_size
+        is_live = np.isin(np.arange(B), active)
+        order = np.array(active + [s for s in range(B) if s not in active], np.int32)
+        lens = np.where(is_live, self.slot_len, 0).astype(np.int32)
+        temp = np.full(B, temperature, np.float32)
+        seeds = np.array([seed_of.get(s, 0) for s in range(B)], np.int32)
+        override = self.proposal_override is not None
+        ext = np.full((B, bs - 1), -1, np.int32)
+        if override:
+            for s in active:
+                prop = self.proposal_override(slot_req[s], list(out[slot_req[s]]), bs - 1)
+                if prop is not None:
+                    ext[s] = np.asarray(prop, np.int32)[:bs - 1]
+        greedy = temperature == 0
+        key = (self._gt, self._gd, B, bs, self.draft.config.mask_token_id, self.feature_layers,
+               self.backend, greedy, override)
+        fn = self._jit("spec_step", key, lambda: self._step_fn(greedy, override), donate=(1, 3),
+                       variant=(greedy, override))
+        num_acc, tokens, drafts, self.target_cache, self.draft_cache = fn(
+            self._st, self.target_cache, self._sd, self.draft_cache, last.astype(np.int32), lens,
+            is_live, order, np.int32(len(active)), self.allocator.page_table[order], temp, seeds,
+            ext)
+        num_acc, tokens, drafts = np.asarray(num_acc), np.asarray(tokens), np.asarray(drafts)
+        result = {}
+        for s in active:
+            a = int(num_acc[s])
+            if tokens[s, a] < 0:
+                raise FloatingPointError(f"verify/accept rejected slot {s}'s target logits "
+                                         f"(NaN or all -inf) at position {lens[s]}")
+            self.slot_tokens[s].extend([int(last[s])] + [int(t) for t in drafts[s, :a]])
+            self.slot_len[s] += a + 1
+            result[s] = [int(t) for t in tokens[s, :a + 1]]
+        return result

@@ -1,0 +1,3 @@
+from models.training.cli import main
+
+raise SystemExit(main())
