@@ -179,6 +179,54 @@ def test_greedy_full_vocab(dtype):
     assert_same(verify_accept(jnp.asarray(logits, dtype), jnp.asarray(d)), want)
 
 
+# Greedy ties: the contract is exactly jnp.argmax (lowest index among equal maxima), wherever the
+# tied entries sit: the same lane of different 128-lane chunks, different vocabulary tiles (grid
+# steps), different lanes of one chunk, the masked tail tile. Expected tokens are written from
+# that contract by hand, not computed by any implementation.
+TIE_V = 151936                # Qwen3's vocabulary: 1187 chunks of 128 lanes, no tile divides it
+TIE_ROWS = {                  # (sequence, row): the tied indices of that row's maximum
+    (0, 0): (300, 300 + 128 * 7, 300 + 128 * 500),    # same lane, across chunks and tiles
+    (0, 1): (5, 3),                                   # two lanes of one chunk
+    (0, 2): (TIE_V - 1, 129),                         # tail tile against the second chunk
+    (0, 3): (TIE_V - 1, TIE_V - 2),                   # two lanes of the tail tile (the bonus row)
+    (1, 0): (300 + 128 * 500, 300),                   # the draft names the higher tied index
+    (1, 1): (1000, 999), (1, 2): (7, 8), (1, 3): (9, 10),
+}
+TIE_DRAFTS = [[300, 3, 129],            # each the lowest tied index: all three accepted
+              [300 + 128 * 500, 999, 7]]  # a tied index, but not the lowest: rejected at once
+TIE_ACCEPTED = [3, 0]
+TIE_TOKENS = [[300, 3, 129, TIE_V - 2], [300, -1, -1, -1]]
+
+
+def _tie_logits(dtype):
+    r = np.random.default_rng(11)
+    x = np.clip(r.normal(size=(2, 4, TIE_V)), -8, 8)   # all below the tied maximum 16
+    for (b, j), idx in TIE_ROWS.items():
+        x[b, j, list(idx)] = 16.0                      # exact in bf16 and f32
+    return jnp.asarray(x, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("impl", ["kernel", "kernel-8192-tiles", "xla", "reference"])
+def test_greedy_ties_resolve_to_the_lowest_index(impl, dtype):
+    logits = _tie_logits(dtype)
+    drafts = jnp.asarray(TIE_DRAFTS, jnp.int32)
+    # The contract first: jnp.argmax agrees with the hand-written tokens.
+    am = np.asarray(jnp.argmax(logits, axis=-1))
+    for (b, j), idx in TIE_ROWS.items():
+        assert am[b, j] == min(idx)
+    if impl == "kernel":
+        got = verify_accept(logits, drafts)
+    elif impl == "kernel-8192-tiles":   # 19 vocabulary grid steps, one sequence per step
+        got = verify_accept(logits, drafts, block_sizes=VerifyAcceptBlockSizes(1, 8192))
+    elif impl == "xla":
+        got = verify_accept_xla.verify_accept(logits, drafts)
+    else:
+        got = ref.verify_accept(np.asarray(logits.astype(jnp.float32)), np.asarray(drafts))
+    np.testing.assert_array_equal(np.asarray(got.num_accepted), TIE_ACCEPTED)
+    np.testing.assert_array_equal(np.asarray(got.tokens), TIE_TOKENS)
+
+
 def test_sampling_full_vocab():
     """Sampling over 151936 entries: the noise of every tile, including the masked tail."""
     logits, d, kw = make_case(4, 2, 2, 151936, jnp.bfloat16, mode="accept", sampling=True)
