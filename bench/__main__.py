@@ -12,6 +12,9 @@ import sys
 
 
 def main(argv=None) -> int:
+    from pallas_ops.host import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()   # before jax starts a backend: no libtpu start-up errors off TPU
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)

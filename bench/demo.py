@@ -151,6 +151,9 @@ def plot(r, path, title):
 
 
 def main(argv=None):
+    from pallas_ops.host import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()   # before jax starts a backend: no libtpu start-up errors off TPU
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("xla", "pallas"), default="xla")

@@ -28,6 +28,9 @@ from bench.demo import ASSETS, explain, load_pair, run_pair
 
 
 def main(argv=None):
+    from pallas_ops.host import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()   # before jax starts a backend: no libtpu start-up errors off TPU
     p = argparse.ArgumentParser(prog="python -m bench.e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=200)

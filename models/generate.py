@@ -74,6 +74,9 @@ def build_parser():
 
 
 def main(argv=None):
+    from pallas_ops.host import quiet_libtpu_off_tpu
+
+    quiet_libtpu_off_tpu()   # before jax starts a backend: no libtpu start-up errors off TPU
     args = build_parser().parse_args(argv)
     import jax.numpy as jnp
     from flax import nnx

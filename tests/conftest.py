@@ -5,19 +5,12 @@ the whole suite stays well under 25 minutes on 2 CPU cores; `thorough` runs many
 Deadlines are off: interpreted kernels are slow and their time varies with the machine's load.
 """
 import os
-import pathlib
 
-# libtpu prints start-up warnings (no TPU metadata server, no worker hostnames) whenever it is
-# loaded on a host without a TPU. Tell it what it would ask for, before jax is imported. Only done
-# when this host has no TPU device files, so a real TPU VM keeps its own settings.
-if not any(pathlib.Path("/dev").glob("accel*")) and not pathlib.Path("/dev/vfio").exists():
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GLOG_minloglevel", "3")
-    # Without a TPU, libtpu is only loaded to AOT-compile; let several test processes on this
-    # host do so at once instead of failing on /tmp/libtpu_lockfile (as bench/static/dump.py does).
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Before jax initialises a backend: quiet libtpu's start-up errors on a host without a TPU, and let
+# several test processes AOT-compile at once (pallas_ops.host).
+from pallas_ops.host import quiet_libtpu_off_tpu  # noqa: E402
+
+quiet_libtpu_off_tpu()
 
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import traceback
 
+from pallas_ops.host import quiet_libtpu_off_tpu
+
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 _JOB_TIMEOUT_S = 300
 
@@ -108,15 +110,9 @@ def _worker_env(dump_dir: str) -> dict:
     env = dict(os.environ)
     flags = env.get("LIBTPU_INIT_ARGS", "")
     env["LIBTPU_INIT_ARGS"] = (flags + " " if flags else "") + f"--xla_jf_dump_to={dump_dir}"
-    # Quiet libtpu's start-up on a host without a TPU (as tests/conftest.py does).
-    if not any(pathlib.Path("/dev").glob("accel*")) and not pathlib.Path("/dev/vfio").exists():
-        env.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-        env.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        env.setdefault("GLOG_minloglevel", "3")
-    # Several processes on this host may load libtpu at once (other compiles, test runs): without
-    # this, the second one fails on libtpu's /tmp/libtpu_lockfile. AOT compiles need no TPU.
-    env.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    # Quiet libtpu's start-up on a host without a TPU, and let several processes on this host
+    # load it at once (other compiles, test runs): AOT compiles need no TPU.
+    quiet_libtpu_off_tpu(env)
     # A compile served from jax's persistent cache would write no dump.
     env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
     env["PYTHONPATH"] = str(_REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
