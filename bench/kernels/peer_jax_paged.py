@@ -2,7 +2,8 @@
 
 `jax.experimental.pallas.ops.tpu.paged_attention` (jax 0.10.2) is the kernel ours is measured
 against: same bench protocol as `bench/kernels/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
-and the wall-clock benchmark treat it like one of ours.
+and the wall-clock suite `bench/micro/` (on a TPU only: it has no interpreter mode) treat it like
+one of ours.
 
 Its contract differs from ours: q is [B, Hq, D] (decode only, one query per sequence) and already
 scaled by 1/sqrt(D); K/V pages are [Hkv, P, page_size, D]; `lengths` [B] int32;
@@ -51,7 +52,7 @@ def pages_per_compute_block(shape) -> int:
 def megacore_mode(shape, chip: str) -> str | None:
     from pallas_ops.chips import CHIPS
 
-    if CHIPS[chip].tensorcores == 2 and shape.num_seqs % 2 == 0:
+    if chip in CHIPS and CHIPS[chip].tensorcores == 2 and shape.num_seqs % 2 == 0:
         return "batch"
     return None
 
@@ -113,6 +114,21 @@ def main_loop(shape, *, chip: str = "v5p"):
         # in a branch most iterations jump over: counted once, as in the static span.
         inner_trips=(1,),
     )
+
+
+def concrete_args(shape, seed: int = 0):
+    """Random q (unscaled: the peer takes q pre-scaled, any values do) and pages, full lengths,
+    identity page table."""
+    import jax
+    import jax.numpy as jnp
+
+    _, specs = build(shape)
+    key = jax.random.key(seed)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+               for i, s in enumerate(specs[:3]))
+    lengths = jnp.full(specs[3].shape, shape.kv_len, jnp.int32)
+    table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
+    return q, k, v, lengths, table
 
 
 def main(argv=None):
