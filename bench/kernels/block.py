@@ -171,16 +171,3 @@ def append_hbm_bytes(shape) -> int:
     chunks = (c + n - 1) // ch - c // ch + 1
     row = shape.num_kv_heads * shape.head_dim * it
     return shape.batch * 2 * (2 * chunks * ch * row + n * row)
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from bench import wall
-
-    return wall.run(argv, module=sys.modules[__name__], inputs=lambda shape, specs: concrete_args(shape))
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

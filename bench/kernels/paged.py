@@ -232,17 +232,3 @@ def main_loop(shape, *, chip: str = "v5p"):
         inner_trips=inner_trips,
         taken_branches=taken,
     )
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from bench import wall
-
-    return wall.run(argv, module=sys.modules[__name__],
-                    inputs=lambda shape, specs: concrete_args(shape))
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

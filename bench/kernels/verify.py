@@ -133,16 +133,3 @@ def concrete_args(shape, seed: int = 0):
         out += (jnp.full((B,), 0.8, jnp.float32), jnp.arange(B, dtype=jnp.int32),
                 jnp.full((B,), 1000, jnp.int32))
     return out
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from bench import wall
-
-    return wall.run(argv, module=sys.modules[__name__], inputs=lambda shape, specs: concrete_args(shape), default_iters=50)
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
