@@ -50,16 +50,22 @@ VERIFY_TINY = [
     S.VerifyAcceptShape("tiny-b1-bs10-v640-sampling", 1, 10, 640, sampling=True),
 ]
 
-# Tolerances against the float64 reference / the xla twin (the tests' bf16 tolerances).
+# Attention outputs against the float64 reference / the xla twin: the tests' bf16 tolerances per
+# element, and a relative error over the whole output (at 16k keys the outputs are ~1e-2, below
+# the element tolerance: the norm is what catches a zero or garbage output there).
 ATTN_TOL = dict(rtol=3e-2, atol=3e-2)
+ATTN_REL_NORM = 2e-2
 
 
 def _f32(x) -> np.ndarray:
     return np.asarray(x, np.float32)
 
 
-def _host(args) -> tuple:
-    return tuple(np.asarray(a) for a in args)
+def assert_attention_close(got, want) -> None:
+    got, want = _f32(got).astype(np.float64), np.asarray(want, np.float64)
+    np.testing.assert_allclose(got, want, **ATTN_TOL)
+    rel = np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30)
+    assert rel <= ATTN_REL_NORM, f"relative error {rel:.3g} > {ATTN_REL_NORM}"
 
 
 # --- paged_attention ------------------------------------------------------------------------
@@ -78,13 +84,13 @@ def _paged_reference(shape, host):
 
 
 def _paged_compare(out, expected):
-    np.testing.assert_allclose(_f32(out), expected, **ATTN_TOL)
+    assert_attention_close(out, expected)
 
 
 def _paged_device_check(shape, args, out):
     import jax
 
-    np.testing.assert_allclose(_f32(out), _f32(jax.jit(_paged_xla(shape))(*args)), **ATTN_TOL)
+    assert_attention_close(out, jax.jit(_paged_xla(shape))(*args))
 
 
 # --- write_kv_pages --------------------------------------------------------------------------
@@ -146,8 +152,7 @@ def _block_device_check(shape, args, out):
     import jax
 
     first = tuple(a[:1] for a in args)
-    np.testing.assert_allclose(_f32(out[:1]), _f32(jax.jit(_block_xla(shape))(*first)),
-                               **ATTN_TOL)
+    assert_attention_close(out[:1], jax.jit(_block_xla(shape))(*first))
 
 
 # --- append_context --------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def _peer_device_check(shape, args, out):
     cu = jnp.arange(b + 1, dtype=jnp.int32)
     want = jax.jit(functools.partial(paged_attention_xla, sm_scale=1.0))(
         q, k, v, lengths, table, cu, jnp.asarray([b], jnp.int32))
-    np.testing.assert_allclose(_f32(out), _f32(want), **ATTN_TOL)
+    assert_attention_close(out, want)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,11 +14,11 @@ from bench.micro import cases, harness
 from pallas_ops.chips import CHIPS
 
 
-def _corrupt(out):
-    """Every float element replaced by 7, every int shifted by one."""
+def _corrupt(out, fill):
+    """Every float element replaced by `fill`, every int shifted by one."""
     def bad(x):
         x = jnp.asarray(x)
-        return jnp.full_like(x, 7) if jnp.issubdtype(x.dtype, jnp.floating) else x + 1
+        return jnp.full_like(x, fill) if jnp.issubdtype(x.dtype, jnp.floating) else x + 1
     return jax.tree.map(bad, out)
 
 
@@ -37,8 +37,9 @@ def test_checks_accept_the_twin_and_reject_a_wrong_output(kernel):
     tiny.check(host, live, out)              # float64 reference
     catalogue.check(host, live, out)         # the on-device check a TPU run uses
     for case in (tiny, catalogue):
-        with pytest.raises(AssertionError):
-            case.check(host, live, _corrupt(out))
+        for fill in (0, 7):
+            with pytest.raises(AssertionError):
+                case.check(host, live, _corrupt(out, fill))
 
 
 def test_peer_check_against_the_xla_twin():
@@ -53,8 +54,9 @@ def test_peer_check_against_the_xla_twin():
     out = paged_attention_xla(q, kp, vp, lengths, table, jnp.arange(b + 1, dtype=jnp.int32),
                               jnp.asarray([b], jnp.int32), sm_scale=1.0)
     k.device_check(shape, args, out)
-    with pytest.raises(AssertionError):
-        k.device_check(shape, args, _corrupt(out))
+    for fill in (0, 7):
+        with pytest.raises(AssertionError):
+            k.device_check(shape, args, _corrupt(out, fill))
 
 
 def test_roofline_figures():
