@@ -18,6 +18,12 @@ with bytes and flops but no roofline figures. A quick CPU run (what CI does):
 
     python -m pytest bench/micro -q --benchmark-min-rounds=1 --benchmark-max-time=0.05
 
+Timing (`harness.py`): a round dispatches `--micro-calls-per-round` calls (16 on a TPU, 2
+elsewhere) back to back and waits for the device once, so host dispatch overlaps device work;
+pytest-benchmark reports every time per call. `--micro-calls-per-round 1` measures the blocking
+latency of one call instead. Rounds follow --benchmark-min-rounds / --benchmark-max-time /
+--benchmark-warmup.
+
 Every case checks the output of its warm-up call before timing (see `cases.py`); nothing asserts
 on a time.
 """

@@ -1,8 +1,8 @@
 """pytest set-up of the microbenchmark suite (`python -m pytest bench/micro`).
 
-Runs with the repository's pytest options (`-ra --strict-markers`); the only marker used,
-`benchmark`, is pytest-benchmark's own. `tests/conftest.py` is not loaded here, so the libtpu
-quieting and the interpreter hygiene it does are repeated.
+Runs with the repository's pytest options (`-ra --strict-markers`); no marker is used.
+`tests/conftest.py` is not loaded here, so the libtpu quieting and the interpreter hygiene it
+does are repeated. One option of its own: `--micro-calls-per-round N` (bench/micro/harness.py).
 """
 import os
 import pathlib
@@ -26,13 +26,33 @@ def _mode():
     return on_tpu(), current_chip()
 
 
+def pytest_addoption(parser):
+    parser.getgroup("benchmark").addoption(
+        "--micro-calls-per-round", type=int, default=None, metavar="N",
+        help="bench/micro: calls dispatched back to back per timed round, one wait for the "
+             "device at its end; times are per call (default 16 on a TPU, 2 elsewhere; 1 = the "
+             "blocking latency of one call)")
+
+
+def pytest_configure(config):
+    n = config.getoption("micro_calls_per_round")
+    if n is not None and n < 1:
+        raise pytest.UsageError(f"--micro-calls-per-round must be >= 1, got {n}")
+
+
+def _calls_per_round(config, tpu: bool) -> int:
+    n = config.getoption("micro_calls_per_round")
+    return (16 if tpu else 2) if n is None else n
+
+
 def pytest_report_header(config):
     tpu, chip = _mode()
+    n = _calls_per_round(config, tpu)
     if tpu:
         return (f"bench/micro: TPU ({chip or 'unknown generation: no roofline figures'}), "
-                "compiled kernels at the catalogue shapes")
+                f"compiled kernels at the catalogue shapes; {n} calls per round, times per call")
     return ("bench/micro: no TPU: tiny shapes, interpreted kernels and xla twins "
-            "(CPU figures, not TPU figures)")
+            f"(CPU figures, not TPU figures); {n} calls per round, times per call")
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
@@ -50,9 +70,18 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 
 
 @pytest.fixture(scope="session")
-def mode():
-    """(on_tpu, chip): chip is the TPU generation (`pallas_ops.chips`), None off TPU."""
-    return _mode()
+def settings(request):
+    """bench.micro.harness.Settings: TPU or not, the chip, calls per round, and the
+    pytest-benchmark options that size the rounds (min rounds, max time, warm-up)."""
+    from bench.micro.harness import Settings
+
+    config = request.config
+    tpu, chip = _mode()
+    warmup = config.getoption("benchmark_warmup")
+    return Settings(tpu=tpu, chip=chip, calls_per_round=_calls_per_round(config, tpu),
+                    min_rounds=config.getoption("benchmark_min_rounds"),
+                    max_time=float(config.getoption("benchmark_max_time")),
+                    warmup_calls=config.getoption("benchmark_warmup_iterations") if warmup else 0)
 
 
 @pytest.fixture(autouse=True)

@@ -5,10 +5,10 @@ from bench.micro import cases, harness
 
 
 @pytest.mark.parametrize("case", cases.params("block_attention"))
-def test_block_attention(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_block_attention(benchmark, settings, case):
+    harness.run(benchmark, case, settings)
 
 
 @pytest.mark.parametrize("case", cases.params("append_context"))
-def test_append_context(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_append_context(benchmark, settings, case):
+    harness.run(benchmark, case, settings)

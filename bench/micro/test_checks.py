@@ -84,3 +84,20 @@ def test_catalogue_shapes_have_figures(kernel):
         assert k.hbm_bytes(shape) > 0
         if k.flops:
             assert k.flops(shape) > 0
+
+
+def test_pipelined_waits_once_per_round(monkeypatch):
+    """pedantic(iterations=n) times n invocations as a round: only the n-th waits, on all n (on
+    the last one when the calls are chained through donated buffers)."""
+    waits = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda xs: waits.append(list(xs)) or xs)
+    calls = iter(range(100))
+    target = harness.Pipelined(lambda: next(calls), 3)
+    for _ in range(7):
+        target()
+    assert waits == [[0, 1, 2], [3, 4, 5]] and target.pending == [6]
+    assert target.round() >= 0 and waits[-2:] == [[6], [7, 8, 9]] and target.pending == []
+    chained = harness.Pipelined(lambda: next(calls), 2, chained=True)
+    for _ in range(5):
+        chained()
+    assert waits[-2:] == [[11], [13]] and chained.pending == [14]

@@ -5,10 +5,10 @@ from bench.micro import cases, harness
 
 
 @pytest.mark.parametrize("case", cases.params("paged_attention"))
-def test_paged_attention(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_paged_attention(benchmark, settings, case):
+    harness.run(benchmark, case, settings)
 
 
 @pytest.mark.parametrize("case", cases.params("write_kv_pages"))
-def test_write_kv_pages(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_write_kv_pages(benchmark, settings, case):
+    harness.run(benchmark, case, settings)

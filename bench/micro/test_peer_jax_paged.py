@@ -6,5 +6,5 @@ from bench.micro import cases, harness
 
 
 @pytest.mark.parametrize("case", cases.params("peer_jax_paged_attention"))
-def test_peer_jax_paged_attention(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_peer_jax_paged_attention(benchmark, settings, case):
+    harness.run(benchmark, case, settings)

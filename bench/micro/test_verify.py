@@ -5,5 +5,5 @@ from bench.micro import cases, harness
 
 
 @pytest.mark.parametrize("case", cases.params("verify_accept"))
-def test_verify_accept(benchmark, mode, case):
-    harness.run(benchmark, case, tpu=mode[0], chip=mode[1])
+def test_verify_accept(benchmark, settings, case):
+    harness.run(benchmark, case, settings)
