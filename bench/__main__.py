@@ -2,12 +2,18 @@
 
     python -m bench static [--chip v5p] [--kernel NAME] [--shape NAME] [--all] [--json PATH]
         static schedule analysis from libtpu's AOT dumps (no TPU needed), see bench/static/
-    python -m bench wall NAME [args]
-        the wall-clock benchmark of bench/kernels/NAME.py (its main(); needs a TPU)
+
+The wall-clock benchmarks are a pytest-benchmark suite, not a command of this module:
+
+    python -m pytest bench/micro                      # on a TPU: every catalogue shape, compiled
+    python -m pytest bench/micro --benchmark-json out.json --benchmark-autosave
+    python -m pytest bench/micro --benchmark-compare  # against the last autosaved run
+
+Off TPU the same suite runs at tiny shapes (interpreted kernels and xla twins), its figures
+marked as CPU figures; see bench/micro/__init__.py.
 """
 from __future__ import annotations
 
-import importlib
 import sys
 
 
@@ -24,12 +30,6 @@ def main(argv=None) -> int:
         from bench.static import cli
 
         return cli.main(rest)
-    if cmd == "wall":
-        if not rest:
-            print("usage: python -m bench wall NAME [args]", file=sys.stderr)
-            return 2
-        mod = importlib.import_module(f"bench.kernels.{rest[0]}")
-        return int(mod.main(rest[1:]) or 0)
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -1,4 +1,5 @@
-"""The shape catalogue shared by the static schedule analysis and the wall-clock benchmarks.
+"""The shape catalogue shared by the static schedule analysis and the wall-clock benchmarks
+(`bench/micro/`).
 
 Model shapes: Llama-3.1-8B (32 q heads, 8 KV heads, head dim 128, vocab 128256) and Qwen3-8B
 (32 q heads, 8 KV heads, head dim 128, vocab 151936). Their DFlash drafters share the target's

@@ -1,7 +1,10 @@
 """One bench module per kernel (and per peer kernel), and how the benchmarks find them.
 
 A module `bench/kernels/NAME.py` provides `build(shape, *, chip) -> (fn, args)`, `hbm_bytes(shape)`,
-`main_loop(shape, *, chip) -> bench.static.MainLoop`, optionally `shapes()` (CONTRIBUTING.md).
+`main_loop(shape, *, chip) -> bench.static.MainLoop`, optionally `shapes()` (CONTRIBUTING.md); for
+the wall-clock suite `bench/micro/` also `concrete_args(shape)` (arrays for fn), `build(...,
+interpret=)` (our kernels: None runs them in the TPU interpreter off TPU) and `flops(shape)` where
+the kernel does matmul work.
 """
 from __future__ import annotations
 

@@ -3,13 +3,18 @@
 Catalogue shapes: `bench.shapes.BLOCK_ATTENTION` (Qwen3-8B drafter bs=16 and Llama-3.1 drafter
 bs=10, Hq=32, Hkv=8, D=128, bf16, B in {1, 32}, ctx 512..32k in a cache of max(8192, ctx) rows).
 
-- `build(shape, *, chip)`: the compiled-mode call with the chip's block sizes.
+- `build(shape, *, chip, interpret=False)`: the compiled-mode call (the default) with the chip's
+  block sizes; `concrete_args(shape)`: random arrays for it, ctx_lens = ctx_len.
 - `hbm_bytes(shape)`: the bytes that must move for the context actually used (ctx_len, not S_max):
   every valid context key and value once, the block's q/k/v in and the output out.
+- `flops(shape)`: the attention's matmul work, 4 * D flops per (block query, key, q head); every
+  block query sees the ctx_len context keys and the bs block keys.
 - `main_loop(shape, *, chip)`: for `python -m bench static` (one iteration = one context tile of
   ctx_tile rows for the KV heads of a grid step).
-- `main()`: wall clock on a TPU (time and % of the HBM roofline); off TPU the bytes and the v5p
-  floor at 2.76 TB/s, marked not measured.
+- `append_build`, `append_concrete_args`, `append_hbm_bytes`: the same for `append_context` at
+  the same shapes (the block's bs rows appended at ctx_len - bs, so the context ends at ctx_len).
+
+The wall-clock benchmarks are the pytest-benchmark suite `bench/micro/` (its README section).
 """
 from __future__ import annotations
 
@@ -47,8 +52,9 @@ def block_sizes(chip: str):
     return get_block_sizes(chip)
 
 
-def build(shape, *, chip: str = "v5p"):
-    """(fn, args): fn(q, k_block, v_block, k_cache, v_cache, ctx_lens) compiled for `chip`."""
+def build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args): fn(q, k_block, v_block, k_cache, v_cache, ctx_lens) compiled for `chip`
+    (interpret: the kernel's `interpret=`; None selects the execution policy)."""
     import jax
     import jax.numpy as jnp
 
@@ -61,7 +67,7 @@ def build(shape, *, chip: str = "v5p"):
     args = (S((B, bs, Hq, D), dt), S((B, bs, Hkv, D), dt), S((B, bs, Hkv, D), dt),
             S((B, Hkv, shape.max_ctx, D), dt), S((B, Hkv, shape.max_ctx, D), dt),
             S((B,), jnp.int32))
-    fn = functools.partial(block_attention, interpret=False, chip=chip,
+    fn = functools.partial(block_attention, interpret=interpret, chip=chip,
                            block_sizes=block_sizes(chip))
     return fn, args
 
@@ -104,24 +110,64 @@ def main_loop(shape, *, chip: str = "v5p"):
     )
 
 
-def _inputs(shape, specs):
+def flops(shape) -> int:
+    """Matmul flops: 4 * D per (block query, visible key, q head); keys = ctx_len + bs."""
+    return (4 * shape.batch * shape.block_size * (shape.ctx_len + shape.block_size)
+            * shape.num_q_heads * shape.head_dim)
+
+
+def concrete_args(shape, seed: int = 0):
+    """Random q/k/v block and caches, ctx_lens = ctx_len for every sequence."""
     import jax
     import jax.numpy as jnp
 
-    key = jax.random.key(0)
+    _, specs = build(shape)
+    key = jax.random.key(seed)
     arrays = [jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
               for i, s in enumerate(specs[:5])]
-    return arrays + [jnp.full(specs[5].shape, shape.ctx_len, jnp.int32)]
+    return tuple(arrays) + (jnp.full(specs[5].shape, shape.ctx_len, jnp.int32),)
 
 
-def main(argv=None) -> int:
-    import sys
+def append_build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args) for `append_context` at a block-attention shape: fn(k_cache, v_cache, k_new,
+    v_new, ctx_lens, n_new) -> (k_cache, v_cache), the block's bs rows written at ctx_len - bs
+    (the accepted block that makes the context ctx_len long: it always fits S_max). Donate the
+    caches (arguments 0 and 1) under jit: the kernel updates them in place. `chip` is unused."""
+    import jax
+    import jax.numpy as jnp
 
-    from bench import wall
+    from pallas_ops.block import append_context
 
-    return wall.run(argv, module=sys.modules[__name__], inputs=_inputs)
+    del chip
+    _, specs = build(shape)
+    new = specs[1]                                     # [B, bs, Hkv, D]
+    lens = jax.ShapeDtypeStruct((shape.batch,), jnp.int32)
+    args = (specs[3], specs[4], new, new, lens, lens)
+    return functools.partial(append_context, interpret=interpret), args
 
 
+def append_offset(shape) -> int:
+    """The row the block is appended at (ctx_len - bs, at least 0)."""
+    return max(0, shape.ctx_len - shape.block_size)
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+
+def append_concrete_args(shape, seed: int = 0):
+    import jax.numpy as jnp
+
+    _, k_block, v_block, k_cache, v_cache, _ = concrete_args(shape, seed)
+    B = shape.batch
+    return (k_cache, v_cache, k_block, v_block,
+            jnp.full((B,), append_offset(shape), jnp.int32),
+            jnp.full((B,), shape.block_size, jnp.int32))
+
+
+def append_hbm_bytes(shape) -> int:
+    """Bytes `append_context` must move: the CHUNK_ROWS-row cache chunks covering the new rows
+    read and written back, K and V (cache rows are DMA'd in aligned tiles), new rows read once."""
+    from pallas_ops.block.append import CHUNK_ROWS as ch
+
+    it = _itemsize(shape.dtype)
+    c, n = append_offset(shape), shape.block_size
+    chunks = (c + n - 1) // ch - c // ch + 1
+    row = shape.num_kv_heads * shape.head_dim * it
+    return shape.batch * 2 * (2 * chunks * ch * row + n * row)

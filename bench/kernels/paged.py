@@ -5,14 +5,18 @@ Hkv=8, D=128, bf16; decode batch 8 and 64, verify 16 tokens x 8 sequences, conte
 pages of 16 and 64; a mixed batch of 4 decoding, 3 verifying and 1 prefilling (256 tokens)
 sequences at 4k).
 
-- `build(shape, *, chip)`: (fn, args) with args as `jax.ShapeDtypeStruct`s; fn calls the kernel
-  compiled (`interpret=False`) with the chip's block sizes.
+- `build(shape, *, chip, interpret=False)`: (fn, args) with args as `jax.ShapeDtypeStruct`s; fn
+  calls the kernel compiled (`interpret=False`, the default) with the chip's block sizes.
+- `concrete_args(shape)`: random arrays for those args (identity page table).
 - `hbm_bytes(shape)`: bytes the kernel must move: every page holding a sequence's keys, K and V,
   once (whole pages are DMA'd), q in and the output out.
+- `flops(shape)`: the attention's matmul work, 4 * D flops per (q row, visible key, q head).
 - `main_loop(shape, *, chip)`: for `python -m bench static`: one iteration = one KV block
   (kv_tokens keys of `kv_heads` heads, K and V) of one (q block, sequence) pair.
-- `main()`: wall clock on a TPU (time, GB/s, % of the HBM roofline); off TPU the bytes, the v5p
-  floor at 2.76 TB/s and "not measured".
+- `write_build`, `write_concrete_args`, `write_hbm_bytes`: the same for `write_kv_pages` at the
+  same shapes (each sequence's q_len new tokens written at positions kv_len - q_len ..).
+
+The wall-clock benchmarks are the pytest-benchmark suite `bench/micro/` (its README section).
 """
 from __future__ import annotations
 
@@ -70,8 +74,9 @@ def resolved_block_sizes(shape, chip: str):
                    pages_per_seq=shape.pages_per_seq)
 
 
-def build(shape, *, chip: str = "v5p"):
-    """(fn, args): fn(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)."""
+def build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args): fn(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs).
+    interpret: the kernel's `interpret=` (False: compiled; None: the execution policy)."""
     import jax
     import jax.numpy as jnp
 
@@ -85,12 +90,13 @@ def build(shape, *, chip: str = "v5p"):
     args = (S((t, hq, d), dt), S((hkv, s * pps, ps, d), dt), S((hkv, s * pps, ps, d), dt),
             S((s,), jnp.int32), S((s, pps), jnp.int32), S((s + 1,), jnp.int32),
             S((1,), jnp.int32))
-    fn = functools.partial(paged_attention, interpret=False, chip=chip, block_sizes=block_sizes())
+    fn = functools.partial(paged_attention, interpret=interpret, chip=chip,
+                           block_sizes=block_sizes())
     return fn, args
 
 
 def concrete_args(shape, seed: int = 0):
-    """Random q/pages, identity page table, the shape's lengths: arrays for the wall clock."""
+    """Random q/pages, identity page table, the shape's lengths: arrays for the benchmarks."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -114,6 +120,55 @@ def hbm_bytes(shape) -> int:
     kv = 2 * pages * shape.page_size * shape.num_kv_heads * shape.head_dim * it
     qo = 2 * sum(q_lens) * shape.num_q_heads * shape.head_dim * it
     return kv + qo
+
+
+def flops(shape) -> int:
+    """Matmul flops of the attention: 4 * D per (q row, causally visible key, q head) (q.K and
+    p.V, a multiply and an add each)."""
+    q_lens, kv_lens = layout(shape)
+    keys = sum(q * kv - q * (q - 1) // 2 for q, kv in zip(q_lens, kv_lens))   # row i sees kv-q+i+1
+    return 4 * keys * shape.num_q_heads * shape.head_dim
+
+
+def write_build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args) for `write_kv_pages` at a paged-attention shape: fn(k_pages, v_pages, k_new,
+    v_new, kv_lens, page_indices, cu_q_lens, num_seqs) -> (k_pages, v_pages), the q_len new
+    tokens of each sequence written at positions kv_len - q_len .. kv_len - 1. Donate the pages
+    (arguments 0 and 1) under jit: the kernel updates them in place. `chip` is unused (the
+    kernel has no block-size table); kept for the protocol."""
+    import jax
+
+    from pallas_ops.paged import write_kv_pages
+
+    del chip
+    _, specs = build(shape)
+    t = specs[0].shape[0]
+    new = jax.ShapeDtypeStruct((t, shape.num_kv_heads, shape.head_dim), specs[0].dtype)
+    args = (specs[1], specs[2], new, new) + specs[3:]
+    return functools.partial(write_kv_pages, interpret=interpret), args
+
+
+def write_concrete_args(shape, seed: int = 0):
+    """Arrays for `write_build`'s fn: random pages and new rows, the attention's lengths/table."""
+    import jax
+
+    q, k, v, kv_lens, table, cu, num_seqs = concrete_args(shape, seed)
+    _, specs = write_build(shape)
+    key = jax.random.fold_in(jax.random.key(seed), 100)
+    k_new, v_new = (jax.random.normal(jax.random.fold_in(key, i), specs[2].shape, specs[2].dtype)
+                    for i in range(2))
+    return (k, v, k_new, v_new, kv_lens, table, cu, num_seqs)
+
+
+def write_hbm_bytes(shape) -> int:
+    """Bytes `write_kv_pages` must move: every page receiving a new token read and written back,
+    K and V (rows of a tiled HBM page cannot be DMA'd alone), and the new rows read once."""
+    it = _itemsize(shape.dtype)
+    q_lens, kv_lens = layout(shape)
+    ps = shape.page_size
+    pages = sum((kv - 1) // ps - (kv - q) // ps + 1 for q, kv in zip(q_lens, kv_lens) if q)
+    page_bytes = shape.num_kv_heads * ps * shape.head_dim * it
+    return 2 * 2 * pages * page_bytes + 2 * sum(q_lens) * shape.num_kv_heads * shape.head_dim * it
 
 
 def kernel_steps(shape, chip: str) -> tuple[int, int, int]:
@@ -177,17 +232,3 @@ def main_loop(shape, *, chip: str = "v5p"):
         inner_trips=inner_trips,
         taken_branches=taken,
     )
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from bench import wall
-
-    return wall.run(argv, module=sys.modules[__name__],
-                    inputs=lambda shape, specs: concrete_args(shape))
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -2,7 +2,8 @@
 
 `jax.experimental.pallas.ops.tpu.paged_attention` (jax 0.10.2) is the kernel ours is measured
 against: same bench protocol as `bench/kernels/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
-and the wall-clock benchmark treat it like one of ours.
+and the wall-clock suite `bench/micro/` (on a TPU only: it has no interpreter mode) treat it like
+one of ours.
 
 Its contract differs from ours: q is [B, Hq, D] (decode only, one query per sequence) and already
 scaled by 1/sqrt(D); K/V pages are [Hkv, P, page_size, D]; `lengths` [B] int32;
@@ -51,7 +52,7 @@ def pages_per_compute_block(shape) -> int:
 def megacore_mode(shape, chip: str) -> str | None:
     from pallas_ops.chips import CHIPS
 
-    if CHIPS[chip].tensorcores == 2 and shape.num_seqs % 2 == 0:
+    if chip in CHIPS and CHIPS[chip].tensorcores == 2 and shape.num_seqs % 2 == 0:
         return "batch"
     return None
 
@@ -115,41 +116,16 @@ def main_loop(shape, *, chip: str = "v5p"):
     )
 
 
-def main(argv=None):
-    """Wall-clock benchmark on a TPU (random data, full lengths); static analysis elsewhere."""
-    import argparse
-    import time
-
+def concrete_args(shape, seed: int = 0):
+    """Random q (unscaled: the peer takes q pre-scaled, any values do) and pages, full lengths,
+    identity page table."""
     import jax
     import jax.numpy as jnp
 
-    from pallas_ops.chips import current_chip
-
-    p = argparse.ArgumentParser(prog="python -m bench.kernels.peer_jax_paged")
-    p.add_argument("--shape", action="append", help="catalogue decode shape (default: all)")
-    p.add_argument("--iters", type=int, default=20)
-    a = p.parse_args(argv)
-    chip = current_chip()
-    if chip is None:
-        print("no TPU: use `python -m bench static --kernel peer_jax_paged_attention` instead")
-        return 1
-    for shape in [find(n) for n in a.shape] if a.shape else shapes():
-        fn, specs = build(shape, chip=chip)
-        key = jax.random.key(0)
-        q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
-                   for i, s in enumerate(specs[:3]))
-        lengths = jnp.full(specs[3].shape, shape.kv_len, jnp.int32)
-        table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
-        f = jax.jit(fn)
-        f(q, k, v, lengths, table).block_until_ready()
-        t0 = time.perf_counter()
-        for _ in range(a.iters):
-            out = f(q, k, v, lengths, table)
-        out.block_until_ready()
-        dt = (time.perf_counter() - t0) / a.iters
-        print(f"{shape.name}: {dt * 1e6:.1f} us, {hbm_bytes(shape) / dt / 1e9:.0f} GB/s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    _, specs = build(shape)
+    key = jax.random.key(seed)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+               for i, s in enumerate(specs[:3]))
+    lengths = jnp.full(specs[3].shape, shape.kv_len, jnp.int32)
+    table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
+    return q, k, v, lengths, table

@@ -3,14 +3,15 @@
 Catalogue shapes: `bench.shapes.VERIFY_ACCEPT` (Qwen3 B=64 bs=16 V=151936 and Llama-3.1 B=1
 bs=10 V=128256, bf16, greedy and sampling).
 
-- `build(shape, *, chip)`: the compiled-mode call (interpret=False) with the chip's block sizes.
+- `build(shape, *, chip, interpret=False)`: the compiled-mode call (the default) with the chip's
+  block sizes; `concrete_args(shape)`: random logits with every draft accepted (the worst case).
 - `hbm_bytes(shape)`: the one-read floor B x bs x V x itemsize (plus draft_probs when a shape
   has them; the catalogue's do not).
 - `main_loop(shape, *, chip)`: for `python -m bench static`. One iteration = one sequence of one
   vocab tile (bs x vocab_tile logits), the `fori_loop` over the block's sequences; the 128-lane
   chunk loop nested in it runs nchunks / unroll times.
-- `main()`: wall clock on a TPU (time, GB/s, % of the HBM roofline against the one-read floor);
-  off TPU the bytes and the v5p floor, marked not measured.
+
+The wall-clock benchmarks are the pytest-benchmark suite `bench/micro/` (its README section).
 """
 from __future__ import annotations
 
@@ -48,8 +49,9 @@ def block_sizes(shape, chip: str):
                                _itemsize(shape.dtype), chip)
 
 
-def build(shape, *, chip: str = "v5p"):
-    """(fn, args): fn(logits, draft_tokens[, temperature, seed, position]) compiled for `chip`."""
+def build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args): fn(logits, draft_tokens[, temperature, seed, position]) compiled for `chip`
+    (interpret: the kernel's `interpret=`; None selects the execution policy)."""
     import jax
     import jax.numpy as jnp
 
@@ -58,7 +60,7 @@ def build(shape, *, chip: str = "v5p"):
     B, bs, V = shape.batch, shape.block_size, shape.vocab
     S = jax.ShapeDtypeStruct
     args = [S((B, bs, V), jnp.dtype(shape.dtype)), S((B, bs - 1), jnp.int32)]
-    fn = functools.partial(verify_accept, interpret=False, chip=chip,
+    fn = functools.partial(verify_accept, interpret=interpret, chip=chip,
                            block_sizes=block_sizes(shape, chip))
     if shape.sampling:
         args += [S((B,), jnp.float32), S((B,), jnp.int32), S((B,), jnp.int32)]
@@ -90,7 +92,7 @@ def main_loop(shape, *, chip: str = "v5p"):
     (vocab_tile / 1024 trips), then the masked copies (not run)."""
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
-    from pallas_ops.verify import _chunk_unroll
+    from pallas_ops.verify.kernel import _chunk_unroll
 
     bsz = block_sizes(shape, chip)
     B, bs, V = shape.batch, shape.block_size, shape.vocab
@@ -116,29 +118,18 @@ def main_loop(shape, *, chip: str = "v5p"):
     )
 
 
-def _inputs(shape, specs):
+def concrete_args(shape, seed: int = 0):
+    """Random logits (normal x 3) and drafts equal to their argmax: every draft accepted, the
+    worst case; sampling shapes add temperature 0.8, seed b and position 1000."""
     import jax
     import jax.numpy as jnp
 
-    key = jax.random.key(0)
-    logits = jax.random.normal(key, specs[0].shape, specs[0].dtype) * 3
-    drafts = jnp.argmax(logits[:, :-1], -1).astype(jnp.int32)   # all accepted: worst case
-    out = [logits, drafts]
+    _, specs = build(shape)
+    logits = jax.random.normal(jax.random.key(seed), specs[0].shape, specs[0].dtype) * 3
+    drafts = jnp.argmax(logits[:, :-1], -1).astype(jnp.int32)
+    out = (logits, drafts)
     if shape.sampling:
         B = shape.batch
-        out += [jnp.full((B,), 0.8, jnp.float32), jnp.arange(B, dtype=jnp.int32),
-                jnp.full((B,), 1000, jnp.int32)]
+        out += (jnp.full((B,), 0.8, jnp.float32), jnp.arange(B, dtype=jnp.int32),
+                jnp.full((B,), 1000, jnp.int32))
     return out
-
-
-def main(argv=None) -> int:
-    import sys
-
-    from bench import wall
-
-    return wall.run(argv, module=sys.modules[__name__], inputs=_inputs, default_iters=50)
-
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
