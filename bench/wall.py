@@ -29,7 +29,7 @@ def run(argv, *, module, inputs, default_iters: int = 20) -> int:
     if chip is None:
         v5p = CHIPS["v5p"].hbm_bytes_per_s
         print(f"no TPU: not measured. Bytes that must move and the v5p HBM floor "
-              f"({v5p / 1e12:.2f} TB/s); see `python -m bench static --kernel {module.KERNEL}` "
+              f"({v5p / 1e9:.0f} GB/s); see `python -m bench static --kernel {module.KERNEL}` "
               "for the static schedule estimate.")
         print(f"{'shape':{width}s} {'MB':>9s} {'v5p floor us':>13s}")
         for shape in chosen:
@@ -39,7 +39,7 @@ def run(argv, *, module, inputs, default_iters: int = 20) -> int:
         return 0
 
     peak = CHIPS[chip].hbm_bytes_per_s
-    print(f"{chip}: HBM roofline {peak / 1e12:.2f} TB/s")
+    print(f"{chip}: HBM roofline {peak / 1e9:.0f} GB/s")
     print(f"{'shape':{width}s} {'us':>9s} {'GB/s':>8s} {'% HBM roofline':>15s}")
     for shape in chosen:
         fn, specs = module.build(shape, chip=chip)

@@ -9,7 +9,7 @@ bs=10, Hq=32, Hkv=8, D=128, bf16, B in {1, 32}, ctx 512..32k in a cache of max(8
 - `main_loop(shape, *, chip)`: for `python -m bench static` (one iteration = one context tile of
   ctx_tile rows for the KV heads of a grid step).
 - `main()`: wall clock on a TPU (time and % of the HBM roofline); off TPU the bytes and the v5p
-  floor at 2.76 TB/s, marked not measured.
+  floor at the HBM bandwidth of `pallas_ops.chips.CHIPS["v5p"]`, marked not measured.
 """
 from __future__ import annotations
 

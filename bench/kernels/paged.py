@@ -12,7 +12,7 @@ sequences at 4k).
 - `main_loop(shape, *, chip)`: for `python -m bench static`: one iteration = one KV block
   (kv_tokens keys of `kv_heads` heads, K and V) of one (q block, sequence) pair.
 - `main()`: wall clock on a TPU (time, GB/s, % of the HBM roofline); off TPU the bytes, the v5p
-  floor at 2.76 TB/s and "not measured".
+  floor at the HBM bandwidth of `pallas_ops.chips.CHIPS["v5p"]` and "not measured".
 """
 from __future__ import annotations
 
