@@ -90,7 +90,7 @@ def main_loop(shape, *, chip: str = "v5p"):
     (vocab_tile / 1024 trips), then the masked copies (not run)."""
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
-    from pallas_ops.verify import _chunk_unroll
+    from pallas_ops.verify.kernel import _chunk_unroll
 
     bsz = block_sizes(shape, chip)
     B, bs, V = shape.batch, shape.block_size, shape.vocab
