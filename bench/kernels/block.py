@@ -100,8 +100,8 @@ def main_loop(shape, *, chip: str = "v5p"):
         iterations=steps * tiles,
         cores=CHIPS[chip].tensorcores,
         outer_iterations=steps,
-        # Forward branches of the tile loop, in schedule order (libtpu of jax 0.10.2, checked
-        # with `--loops`): the chunked DMA starts of a straddling next tile (+1 nested), then,
+        # Forward branches of the tile loop, in schedule order (the same with libtpu 0.0.42.1
+        # and 0.0.50.1, checked with `--loops`): the chunked DMA starts of a straddling next tile (+1 nested), then,
         # when B > 1, the last tile's prefetch of the next sequence's first tile (+2 nested),
         # then the unmasked body, the masked body and the guard of its sub-tile loop. An
         # interior tile skips all but the unmasked body, and never enters the sub-tile loop.

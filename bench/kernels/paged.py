@@ -207,8 +207,8 @@ def main_loop(shape, *, chip: str = "v5p"):
 
     bs = resolved_block_sizes(shape, chip)
     iterations, grid_steps, subtiles = kernel_steps(shape, chip)
-    # Hot path of a full interior block (libtpu of jax 0.10.2, checked with `--loops` on v5p at
-    # pages of 16 and 64 and on the mixed batch): the next block's prefetch and its unrolled
+    # Hot path of a full interior block (the same branch structure with libtpu 0.0.42.1 and
+    # 0.0.50.1, checked with `--loops` on v5p at pages of 16 and 64 and on the mixed batch): the next block's prefetch and its unrolled
     # page-DMA starts run (two branches not taken). Everything after is tail-block work the hot
     # path jumps over: the chunked tail DMA starts (one branch, plus one per chunk of >= 8 pages;
     # smaller chunks are predicated), and the V sanitising (one branch, one for the partial page,

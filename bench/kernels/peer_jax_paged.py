@@ -1,9 +1,9 @@
 """The peer: jax's bundled Pallas TPU paged attention, at the catalogue's decode shapes.
 
-`jax.experimental.pallas.ops.tpu.paged_attention` (jax 0.10.2) is the kernel ours is measured
-against: same bench protocol as `bench/kernels/NAME.py` (see CONTRIBUTING.md), so `python -m bench static`
-and the wall-clock suite `bench/micro/` (on a TPU only: it has no interpreter mode) treat it like
-one of ours.
+`jax.experimental.pallas.ops.tpu.paged_attention` of the installed jax (0.10.2 or 0.12.0.1: their
+sources differ, see `main_loop`) is the kernel ours is measured against: same bench protocol as
+`bench/kernels/NAME.py` (see CONTRIBUTING.md), so `python -m bench static` and the wall-clock
+suite `bench/micro/` (on a TPU only: it has no interpreter mode) treat it like one of ours.
 
 Its contract differs from ours: q is [B, Hq, D] (decode only, one query per sequence) and already
 scaled by 1/sqrt(D); K/V pages are [Hkv, P, page_size, D]; `lengths` [B] int32;
@@ -97,12 +97,35 @@ def hbm_bytes(shape) -> int:
 
 
 def main_loop(shape, *, chip: str = "v5p"):
-    """The static-analysis protocol (see CONTRIBUTING.md): the block loop and its HBM bytes."""
+    """The static-analysis protocol (see CONTRIBUTING.md): the block loop and its HBM bytes.
+
+    The hot path depends on the libtpu version, and with it on jax's version (the kernel is
+    jax's: jax 0.12 rewrote its page DMAs, one wait per block instead of one per page, and runs
+    the block body unconditionally in the fori_loop variant). Forward branches of the block loop,
+    in `--loops` order (checked on v5p at pages of 16 and 64):
+    - libtpu 0.0.42.1 (jax 0.10.2): the `pl.when(i * bk < length)` around the block body (runs),
+      the next-block index computation's conds (advance to the next kv head / sequence: four
+      branches, one the guard of the zero-length-skipping fori_loop), the `i == 0` init (13
+      bundles). The first-block and next-block prefetches are predicated, not branched: they
+      cost their bundles every iteration.
+    - libtpu 0.0.50.1 (jax 0.12.0.1): the same four index-computation branches, then at 8 pages
+      per block (p16) the first-block prefetch (`pl.when(init_flag)`, about 260 bundles: runs
+      once per call, so the hot path jumps over it) and the next-block prefetch (runs); at 2 pages
+      per block (p64) both prefetches are predicated.
+    Everything else is counted as in the static span, as for 0.0.42.1: the index-computation
+    conds (and with 0.0.42.1 the init) count although an interior block skips them, a
+    conservative overcount against this peer (at p16: 49 bundles with 0.0.42.1, 762 against 713;
+    36 with 0.0.50.1, 412 against 376), and the nested loop once.
+    """
     from bench.static import MainLoop
+    from bench.static import parse as static_parse
 
     item = 2 if shape.dtype == "bfloat16" else np.dtype(shape.dtype).itemsize
     blocks = -(-shape.kv_len // BLOCK_TOKENS)
     mode = megacore_mode(shape, chip)
+    taken = None
+    if static_parse.dump_format().libtpu == "0.0.50.1" and pages_per_compute_block(shape) > 2:
+        taken = (False, False, False, False, True, False)
     return MainLoop(
         call_name=CALL_NAME,
         # K and V of one 128-token block of one kv head (whole pages are DMA'd).
@@ -113,6 +136,7 @@ def main_loop(shape, *, chip: str = "v5p"):
         # The one nested loop (skipping zero-length sequences when moving to the next one) sits
         # in a branch most iterations jump over: counted once, as in the static span.
         inner_trips=(1,),
+        taken_branches=taken,
     )
 
 

@@ -89,7 +89,8 @@ def main_loop(shape, *, chip: str = "v5p"):
     (runs), {sampling: per-sequence sampling branch (runs), greedy branch (skipped)}, masked
     tail body (skipped), {sampling: its two inner branches}, finalize (skipped)]; nested loops:
     the sequence loop (seqs_per_block trips, absent when it is 1) and the 128-lane chunk loop
-    (vocab_tile / 1024 trips), then the masked copies (not run)."""
+    (vocab_tile / 1024 trips), then the masked copies (not run). The same structure with libtpu
+    0.0.42.1 and 0.0.50.1 (checked with `--loops`)."""
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
     from pallas_ops.verify.kernel import _chunk_unroll

@@ -84,6 +84,7 @@ class Result:
     shape: str
     chip: str
     status: str = "ok"                  # "ok", "skipped", "error"
+    libtpu: str = ""                    # version of the libtpu that wrote the dump
     reason: str = ""
     call: str = ""                      # HLO custom-call instruction analysed
     total_bundles: int | None = None
@@ -139,13 +140,16 @@ def _pick_call(calls: list[dict], call_name: str | None) -> tuple[dict | None, s
 
 def analyze_dump(bundles_text: str, *, chip: str, main_loop: MainLoop | None = None,
                  allocations_text: str | None = None, utilization_text: str | None = None,
-                 result: Result | None = None) -> Result:
-    """The static estimate from one kernel's `final_bundles` text (+ its allocation table)."""
+                 result: Result | None = None, libtpu: str | None = None) -> Result:
+    """The static estimate from one kernel's `final_bundles` text (+ its allocation table),
+    written by libtpu version `libtpu` (default: the installed one)."""
     from pallas_ops.chips import CHIPS
 
     spec = CHIPS[chip]
     r = result or Result(kernel="", shape="", chip=chip)
-    sched = static_parse.parse_schedule(bundles_text)
+    fmt = static_parse.dump_format(libtpu)
+    r.libtpu = libtpu or static_parse.libtpu_version() or ""
+    sched = static_parse.parse_schedule(bundles_text, fmt)
     r.total_bundles = sched.total_bundles
     r.delay_slot_violations = len(sched.delay_slot_violations())
     r.loops = [{k: v for k, v in lp.to_dict().items()

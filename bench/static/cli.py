@@ -84,10 +84,10 @@ def main(argv=None) -> int:
     p.add_argument("--loops", action="store_true", help="also print every loop of each kernel")
     a = p.parse_args(argv)
     version = static_parse.libtpu_version()
-    if version != static_parse.LIBTPU_VERSION_PINNED:
-        print(f"warning: libtpu {version} installed; the dump format was pinned on "
-              f"{static_parse.LIBTPU_VERSION_PINNED} (bench/static/parse.py): check the counts",
-              file=sys.stderr)
+    if not static_parse.is_supported(version):
+        print(f"warning: libtpu {version} installed; the dump format was checked on libtpu "
+              f"{', '.join(static_parse.FORMATS)} only (bench/static/parse.py FORMATS): parsed "
+              f"with {static_parse.NEWEST}'s facts, check the counts", file=sys.stderr)
     if not a.all and not a.kernel:
         p.error("give --kernel NAME (repeatable) or --all")
     kernels = list(KERNELS) if a.all and not a.kernel else a.kernel
@@ -109,6 +109,7 @@ def main(argv=None) -> int:
             seen_skip.add(r.kernel)
             r = dataclasses.replace(r, shape="*")
         shown.append(r)
+    print(f"libtpu {version}\n")
     print(markdown_table(shown))
     if a.loops:
         for r in results:

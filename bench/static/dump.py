@@ -49,21 +49,17 @@ def _custom_calls(hlo_text: str) -> list[dict]:
 
 
 def _dump_files(dump_dir: pathlib.Path, new: set[str], instr: str) -> dict:
+    """{key: file name} of the dump files `bench.static.parse` reads, for HLO instruction
+    `instr` (file kinds from the installed libtpu's `DumpFormat.files`)."""
+    from bench.static.parse import dump_format
+
+    key_of = {kind: key for key, kind in dump_format().files}
     pat = re.compile(r"^\d+-" + re.escape(instr) + r"-\d+-(.*)\.txt$")
     found = {}
     for f in sorted(new):
         m = pat.match(f)
-        if not m:
-            continue
-        kind = m.group(1)
-        if kind == "final_bundles":
-            found["bundles"] = f
-        elif kind == "schedule-analysis_final_bundles":
-            found["schedule_analysis"] = f
-        elif kind == "pre-finalize-registers-and-allocations":
-            found["allocations"] = f
-        elif kind == "final_hlo-static-per-bundle-utilization":
-            found["utilization"] = f
+        if m and m.group(1) in key_of:
+            found[key_of[m.group(1)]] = f
     return found
 
 

@@ -8,9 +8,11 @@ With `LIBTPU_INIT_ARGS=--xla_jf_dump_to=DIR`, every compiled TPU op (a Pallas ke
     <id>-<instr>-<NN>-pre-finalize-registers-and-allocations.txt   the allocation table
     <id>-<instr>-<NN>-final_hlo-static-per-bundle-utilization.txt  slots used per unit per bundle
 
-Format facts pinned for libtpu 0.0.42.1 (jax/jaxlib 0.10.2); it is libtpu's internal format and may
-change with its version (`tests/test_bench_static.py` checks them on a checked-in dump and on a
-fresh compile):
+This is libtpu's internal format: it may change with its version. The facts below were checked on
+the libtpu versions in `FORMATS` (0.0.42.1, which jax[tpu] 0.10.2 brings, and 0.0.50.1, which
+jax[tpu] 0.12.0.1 brings), on the dumps of every kernel at every catalogue shape; where a fact
+is per version it is a field of `DumpFormat`. `tests/test_bench_static.py` checks them on a
+checked-in dump per version (tests/data/libtpu-<version>/) and on a fresh compile.
 
 - A key between `= control target key start` and `= control target key end` lines, then one
   bundle per line: `<addr> <tag>: <depth> { op ;; op ;; ... } /* region events */`. `<addr>` is
@@ -23,27 +25,42 @@ fresh compile):
   the following lines, which do not start with an address, until the next bundle line. Region
   events may be on such a continuation line.
 - Region events: `Start region R`, `End region R`, `Start/End empty region R`, joined by ` :: `.
-- Branches: `%n = sbr.rel (pred) target = $regionR`. A branch takes effect after
-  `DELAY_SLOTS` = 4 further bundles (every branch in the dumps seen ends its own region exactly 4
-  bundles later; the slots are filled with useful or predicated-off work or `{}`).
+- Branches: `%n = sbr.rel (pred) target = $regionR` (the only branch op in either version). A
+  branch takes effect after `DumpFormat.delay_slots` further bundles: 4 in both versions. Checked
+  per branch: in the `*-post-delay-converter.txt` listing (one of libtpu's other dump files)
+  each `sbr.rel` sits in its own region (`// pred_check_branch` or `// loop_header_branch`), and
+  in the final bundles that region ends exactly 4 bundles after the branch: all 100 branches of
+  the paged (decode-b8-ctx4096-p16, mixed), block (qwen3 b32 ctx8192), verify (qwen3 sampling)
+  and jax paged (decode p16) kernels, and of the XLA fusions compiled with them (100 / 105),
+  under each version. The slots hold useful or predicated-off work or `{}`.
 - A loop is an `LB:` bundle that starts region R plus the back-branch (the first later
   `sbr.rel ... target = $regionR`). One iteration executes the bundles from the LB bundle through
   the back-branch's last delay slot: that is `Loop.bundles`. The marker `End region R` itself is
-  NOT a reliable end: it can fall before the back-branch (jax's paged_attention: 9 bundles early)
-  or between the branch and its delay slots; `Loop.region_bundles` (LB .. `End region R`) is kept
-  for comparison with hand counts. `Loop.bundles` is the static span: code under a forward branch
-  (a `pl.when` the compiler did not if-convert) counts even when the branch jumps over it, and a
-  nested loop's body counts once; `Schedule.iteration_bundles` walks one path instead.
+  NOT a reliable end, in either version: it can fall up to 17 bundles before the last delay slot
+  (jax's paged_attention: 9 early with 0.0.42.1, on the last delay slot with 0.0.50.1;
+  verify_accept's vocab loop: 9-17 early with 0.0.42.1, 9-13 with 0.0.50.1) or between the
+  branch and its delay slots (the minimal loop of the tests, both versions);
+  `Loop.region_bundles` (LB .. `End region R`) is kept for comparison with hand counts.
+  `Loop.bundles` is the static span: code under a forward branch (a `pl.when` the compiler did
+  not if-convert) counts even when the branch jumps over it, and a nested loop's body counts
+  once; `Schedule.iteration_bundles` walks one path instead.
 - DMA issue ops are `dma.hbm_to_vmem`, `dma.vmem_to_hbm`, `dma.hbm_to_smem`, ...; waits are
   `dma.done.wait`. Bounds checks are `shalt.err` ops guarded by scalar compares (they are in the
-  final program and cost issue slots). A bounds check's comment repeats the DMA it guards
-  (`for %26 = dma.hbm_to_vmem ...`): comments are stripped before ops are counted.
+  final program and cost issue slots). A bounds check's comment names the DMA it guards
+  (0.0.42.1: the whole op, `for %26 = dma.hbm_to_vmem [thread:$0] /*hbm=*/...`; 0.0.50.1: its
+  name only, `for dma.hbm_to_vmem`): comments are stripped before ops are counted. Some vector
+  mnemonics changed between the versions (0.0.50.1: `vexp2.f32` for `vpow2.f32`,
+  `vpack.c.f32.bf16`, `vperm.lane.xlu0`, ...); the op classes (`op_class`) are the same.
 - Per-bundle unit use (`*-final_hlo-static-per-bundle-utilization.txt`): `== CAPACTIY:` (sic),
   a line of unit names (`MXU, XLU, VALU, VPOP, EUP, VLOAD, VLOAD:FILL, VSTORE, VSTORE:SPILL, SALU`
   on v5p), a line of slots per bundle, `== UTILIZATION:`, then one line of slot counts per bundle,
-  in bundle order.
+  in bundle order (the same header, typo included, in both versions).
 - Allocations: lines `#allocationN [shape = '...', space=vmem|smem|sflag|..., size = 0x..., ...]`;
-  `size` already covers all buffering levels of a pipelined window.
+  `size` already covers all buffering levels of a pipelined window. Allocation numbers differ
+  between versions (0.0.50.1 numbers an extra scoped sflag first).
+- The line format, the control-target key (tags LH, LB, LE, PB, PF, CT), the region events and
+  the four file names (kinds after `<id>-<instr>-<NN>-`; NN shifted, not used) are the same in
+  both versions.
 """
 from __future__ import annotations
 
@@ -51,8 +68,34 @@ import collections
 import dataclasses
 import re
 
-DELAY_SLOTS = 4
-LIBTPU_VERSION_PINNED = "0.0.42.1"
+
+@dataclasses.dataclass(frozen=True)
+class DumpFormat:
+    """The dump-format facts of one libtpu version that the parser and `bench.static.dump` use.
+
+    libtpu: the version they were checked on; jax: the jax/jaxlib whose `jax[tpu]` brings it
+    (the bench modules' hot paths depend on both: jax's bundled kernels change with jax).
+    delay_slots: bundles a branch runs after itself before it takes effect.
+    files: `bench.static.dump` key -> the dump file kind (`<id>-<instr>-<NN>-<kind>.txt`).
+    """
+    libtpu: str
+    jax: str
+    delay_slots: int
+    files: tuple[tuple[str, str], ...] = (
+        ("bundles", "final_bundles"),
+        ("schedule_analysis", "schedule-analysis_final_bundles"),
+        ("allocations", "pre-finalize-registers-and-allocations"),
+        ("utilization", "final_hlo-static-per-bundle-utilization"),
+    )
+
+
+# One entry per libtpu version the facts were checked on (module docstring); `bench static`
+# warns on any other version, and `tests/test_bench_static.py` fails on one.
+FORMATS: dict[str, DumpFormat] = {
+    "0.0.42.1": DumpFormat(libtpu="0.0.42.1", jax="0.10.2", delay_slots=4),
+    "0.0.50.1": DumpFormat(libtpu="0.0.50.1", jax="0.12.0.1", delay_slots=4),
+}
+NEWEST = max(FORMATS, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
 def libtpu_version() -> str | None:
@@ -63,6 +106,18 @@ def libtpu_version() -> str | None:
         return importlib.metadata.version("libtpu")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def is_supported(version: str | None) -> bool:
+    """Whether the dump-format facts were checked on this libtpu version."""
+    return version in FORMATS
+
+
+def dump_format(version: str | None = None) -> DumpFormat:
+    """The facts for `version` (default: the installed libtpu's). A version not in `FORMATS`
+    (or no libtpu) gets the newest entry: the CLI warns that its counts are unchecked."""
+    v = libtpu_version() if version is None else version
+    return FORMATS.get(v, FORMATS[NEWEST])
 
 _BUNDLE_RE = re.compile(
     r"^\s*(0x[0-9a-fA-F]+|[0-9]+)\s+(?:(LH|LB|LE|PB|PF|CT):|:)\s*(>*)(.*)$")
@@ -136,7 +191,7 @@ class Loop:
     depth: int              # number of `>` on the LB bundle (1 = outermost loop)
     start: int              # index of the LB bundle
     branch: int             # index of the back-branch
-    end: int                # index of the last bundle of one iteration (branch + DELAY_SLOTS)
+    end: int                # index of the last bundle of one iteration (branch + delay slots)
     region_end: int | None  # index of the bundle saying `End region R`
     op_counts: dict[str, int]   # op class -> count over one iteration (nested loop bodies once)
     dma_issues: int         # DMA issue ops (hbm<->vmem/smem) in one iteration
@@ -164,6 +219,7 @@ class Loop:
 class Schedule:
     bundles: list[Bundle]
     loops: list[Loop]
+    delay_slots: int = 4    # of the DumpFormat it was parsed with
 
     @property
     def total_bundles(self) -> int:
@@ -180,17 +236,17 @@ class Schedule:
         raise KeyError(region)
 
     def delay_slot_violations(self) -> list[int]:
-        """Branches whose own region does not end exactly DELAY_SLOTS bundles later (indices).
+        """Branches with no region ending exactly `delay_slots` bundles later (indices).
 
-        Every branch in the dumps seen so far ends the region holding it DELAY_SLOTS bundles
-        after it; a non-empty result means the format (or the delay) changed: re-check
-        DELAY_SLOTS before trusting `Loop.bundles`.
+        Every branch in the dumps checked ends the region holding it `delay_slots` bundles after
+        it; a non-empty result means the format (or the delay) changed: re-check
+        `DumpFormat.delay_slots` before trusting `Loop.bundles`.
         """
         bad = []
         for b in self.bundles:
             if b.branch_target is None:
                 continue
-            k = b.index + DELAY_SLOTS
+            k = b.index + self.delay_slots
             if k >= len(self.bundles) or not self.bundles[k].ends:
                 bad.append(b.index)
         return bad
@@ -241,7 +297,8 @@ class Schedule:
         for b in self.bundles[loop.start:loop.end + 1]:
             t = start_of.get(b.branch_target) if b.branch_target is not None else None
             if t is not None and t > b.index:
-                out.append((b.index, b.branch_target, max(t - (b.index + DELAY_SLOTS + 1), 0)))
+                out.append((b.index, b.branch_target,
+                            max(t - (b.index + self.delay_slots + 1), 0)))
         return out
 
     def iteration_bundles(self, loop: Loop, *, taken=(), trips: dict[int, int] | None = None
@@ -249,7 +306,7 @@ class Schedule:
         """Bundles of one iteration of `loop` along one path.
 
         taken: for each forward branch of `self.forward_branches(loop)`, in that order, whether
-            it is taken on the path (a taken branch still runs its DELAY_SLOTS bundles, then
+            it is taken on the path (a taken branch still runs its delay slots, then
             resumes at its target region); missing entries mean not taken.
         trips: nested loop region -> iterations it runs per iteration of its parent (default 1).
         With no branch taken and every nested loop run once this is `loop.bundles`.
@@ -273,7 +330,7 @@ class Schedule:
                     continue
                 n += 1
                 if i in taken_at:
-                    slots = min(DELAY_SLOTS, lp.end - i)
+                    slots = min(self.delay_slots, lp.end - i)
                     n += slots
                     i = max(start_of[taken_at[i]], i + slots + 1)
                     continue
@@ -341,7 +398,7 @@ def parse_bundles(text: str) -> list[Bundle]:
     return bundles
 
 
-def find_loops(bundles: list[Bundle]) -> list[Loop]:
+def find_loops(bundles: list[Bundle], delay_slots: int) -> list[Loop]:
     loops = []
     for b in bundles:
         if b.tag != "LB":
@@ -352,7 +409,7 @@ def find_loops(bundles: list[Bundle]) -> list[Loop]:
             raise ValueError(f"LB bundle {b.index:#x} (regions {sorted(started)}) has no "
                              "back-branch targeting one of its regions")
         region = branch.branch_target
-        end = min(branch.index + DELAY_SLOTS, len(bundles) - 1)
+        end = min(branch.index + delay_slots, len(bundles) - 1)
         region_end = next((x.index for x in bundles[b.index:] if region in x.ends), None)
         counts: collections.Counter = collections.Counter()
         for x in bundles[b.index:end + 1]:
@@ -371,9 +428,13 @@ def find_loops(bundles: list[Bundle]) -> list[Loop]:
     return loops
 
 
-def parse_schedule(text: str) -> Schedule:
+def parse_schedule(text: str, fmt: DumpFormat | None = None) -> Schedule:
+    """The schedule of a `*-final_bundles.txt` dump written by the libtpu `fmt` describes
+    (default: the installed one, `dump_format()`)."""
+    fmt = fmt or dump_format()
     bundles = parse_bundles(text)
-    return Schedule(bundles=bundles, loops=find_loops(bundles))
+    return Schedule(bundles=bundles, loops=find_loops(bundles, fmt.delay_slots),
+                    delay_slots=fmt.delay_slots)
 
 
 def total_from_schedule_analysis(text: str) -> int | None:

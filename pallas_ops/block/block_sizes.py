@@ -35,13 +35,15 @@ class BlockAttentionBlockSizes:
         return hb
 
 
-# One entry per generation, from `python -m bench static --kernel block_attention` (libtpu 0.10.2)
-# at the drafter shapes (Hq=32, Hkv=8, D=128, bf16, bs 16 and 10). Per-tile issue cost has a
-# fixed part per KV head (online-softmax bookkeeping, MXU latency), so longer tiles amortise it:
-# v5p, 4 heads x 1024 rows: ~1790 bundles per tile vs 2659 HBM cycles for its K+V (bs=16, B=1);
-# 512-row tiles were at 0.94x of HBM time, 256-row tiles issue-bound (1.4x). v5p has two
-# TensorCores per device, so 4 KV heads per step gives two parallel head groups even at batch 1.
-# v5e/v6e: one TensorCore; 8 heads per step halves the grid steps.
+# One entry per generation, from `python -m bench static --kernel block_attention` (libtpu
+# 0.0.42.1, jax 0.10.2; 0.0.50.1 schedules about 2% fewer bundles per tile) at the drafter shapes
+# (Hq=32, Hkv=8, D=128, bf16, bs 16 and 10). Per-tile issue cost has a fixed part per KV head
+# (online-softmax bookkeeping, MXU latency), so longer tiles amortise it: v5p, 4 heads x 1024
+# rows: ~1790 bundles per tile vs ~2655 HBM cycles for its 2 MiB of K+V (bs=16, B=1; at
+# `pallas_ops.chips.CHIPS`'s 790 B/cycle per TensorCore); 512-row tiles were at 0.94x of HBM time,
+# 256-row tiles issue-bound (1.4x). v5p has two TensorCores per device, so 4 KV heads per step
+# gives two parallel head groups even at batch 1. v5e/v6e: one TensorCore; 8 heads per step halves
+# the grid steps.
 TABLE: dict[str, BlockAttentionBlockSizes] = {
     "v5e": BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=8),
     "v5p": BlockAttentionBlockSizes(ctx_tile=1024, kv_heads_per_step=4),

@@ -20,13 +20,14 @@ The draft_probs path runs the same single pass with an online log-sum-exp, then 
 Gumbel-max sample of max(0, p - q) from that one row of logits and q (B x V elements, not
 B x bs x V).
 
-Static schedule (libtpu 0.0.42.1 bundle dumps, v5p, B=64 bs=16 V=151936 bf16, one 2 MiB grid
-step = 8 sequences x 8192 vocab = 2659 HBM cycles per TensorCore; `python -m bench static
---kernel verify_accept`): greedy 2011 bundles (0.76x: HBM-bound; the inner fold is 27 bundles
-per 8 x 16 x 128 logits), one-hot sampling 7200 (2.71x: VALU-bound, ~22 VALU ops per logit for
-hash + uniform + Gumbel; the EUP takes 2 pushes per 1024 logits, far from its limit), draft_probs
-pass 10406 (3.9x). NaN detection relies on jnp.maximum propagating NaN: Mosaic emits vmax.f32,
-the same instruction XLA emits for its NaN-propagating HLO max on TPU.
+Static schedule (libtpu 0.0.42.1 bundle dumps, v5p, B=64 bs=16 V=151936 bf16, one 2 MiB grid step =
+8 sequences x 8192 vocab = ~2655 HBM cycles per TensorCore at `pallas_ops.chips.CHIPS`'s v5p
+bandwidth; `python -m bench static --kernel verify_accept`): greedy 2011 bundles (0.76x: HBM-bound;
+the inner fold is 27 bundles per 8 x 16 x 128 logits), one-hot sampling 7200 (2.71x: VALU-bound,
+~22 VALU ops per logit for hash + uniform + Gumbel; the EUP takes 2 pushes per 1024 logits, far
+from its limit), draft_probs pass 10406 (3.9x); libtpu 0.0.50.1: greedy 1953 (0.74x), sampling 7193
+(2.71x). NaN detection relies on jnp.maximum propagating NaN: Mosaic emits vmax.f32, the same
+instruction XLA emits for its NaN-propagating HLO max on TPU.
 """
 from __future__ import annotations
 
