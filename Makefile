@@ -1,24 +1,54 @@
-# The two commands of the README. Both create/refresh .venv idempotently: the install step
-# re-runs only when pyproject.toml changes.
-PYTHON ?= python3
-VENV ?= .venv
+# The README's commands. Each creates/refreshes a virtual environment per interpreter
+# (.venv-3.13, .venv-3.11, ...) idempotently: the install step re-runs only when pyproject.toml or
+# the requested jax changes.
+#
+#   make test                          the newest CPython >= 3.11 (pyenv, else PATH), newest jax
+#   make test PYTHON=python3.11 JAX=0.10.2
+#   make test PYTHON=3.12              a version, a command on PATH, a path, or '>=3.12'
+# .ci/run runs `make test` at both ends of the supported range.
+#   make bench                         microbenchmarks (pytest-benchmark), see README
+PYTHON ?= >=3.11
+JAX ?=
+PY_EXE := $(shell .ci/find-python '$(PYTHON)')
+ifeq ($(PY_EXE),)
+$(error no interpreter for PYTHON='$(PYTHON)' (see the message above; .ci/find-python))
+endif
+PY_VER := $(shell '$(PY_EXE)' -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+VENV ?= .venv-$(PY_VER)
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+JAX_PIN := $(if $(JAX),'jax[tpu]==$(JAX)' 'jaxlib==$(JAX)',)
+STAMP := $(VENV)/.installed-jax-$(if $(JAX),$(JAX),newest)
 
-.PHONY: test demo install clean
+.PHONY: test demo bench bench-ci install versions clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu,train]'
+	test -x $(PY) || '$(PY_EXE)' -m venv $(VENV)
+	rm -f $(VENV)/.installed-jax-*
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu,train]' $(JAX_PIN)
 	touch $(STAMP)
 
 install: $(STAMP)
 
-test: $(STAMP)
+versions: $(STAMP)
+	@$(PY) -c 'import sys, importlib.metadata as m; print("python", sys.version.split()[0], *("%s %s" % (d, m.version(d)) for d in ("jax", "jaxlib", "libtpu", "flax", "numpy")))'
+
+test: versions
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m bench.demo
 
+# The pytest-benchmark suite (bench/micro): catalogue shapes, compiled, on a TPU; tiny shapes
+# (interpreted kernels and xla twins, marked as CPU figures) elsewhere. BENCH_ARGS go to pytest.
+bench: $(STAMP)
+	$(PY) -m pytest bench/micro $(BENCH_ARGS)
+
+# CI's step: the suite once, quickly, to prove the harness runs (no assertion on any time).
+bench-ci: $(STAMP)
+	mkdir -p out
+	$(PY) -m pytest bench/micro -q --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
+	    --benchmark-json=out/bench-micro-cpu.json
+
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf .venv-* .venv .pytest_cache .hypothesis .benchmarks
