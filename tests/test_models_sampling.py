@@ -135,3 +135,29 @@ def test_same_seed_same_output_independent_of_batch_layout():
     # request 0 in a different batch (other companions): same tokens
     d = dec.generate([prompts[0], prompts[3]], seed=123, **kw)
     assert d.tokens[0] == a.tokens[0]
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_speculative_sampling_emits_the_autoregressive_samples(temperature):
+    """Both decoders draw the token after position p by Gumbel-max with the noise of (seed, p)
+    (`pallas_ops.rng`): exact speculative sampling with one-hot drafts accepts a draft iff it is
+    that sample and otherwise emits that sample, so for the same seeds DFlash emits exactly the
+    autoregressive samples, whether its drafts are rejected (the untrained draft) or accepted
+    (drafts taken from the autoregressive output itself)."""
+    rng_ = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng_.integers(0, V, n)] for n in (4, 1, 7, 3, 5, 2)]
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=77)
+    ar = generate_autoregressive(TARGET, prompts, max_batch=8, max_seq_len=32, backend="xla", **kw)
+
+    def from_ar(request, generated, n):
+        ahead = ar.tokens[request][len(generated):len(generated) + n]
+        return list(ahead) + [0] * (n - len(ahead))
+
+    for override in (None, from_ar):
+        dec = SpeculativeDecoder(TARGET, DRAFT, max_batch=8, max_seq_len=32, page_size=16,
+                                 backend="xla", block_size=4, poison=True,
+                                 proposal_override=override)
+        out = dec.generate(prompts, **kw)
+        assert out.tokens == ar.tokens
+        if override is not None:     # the accept path ran: whole blocks accepted
+            assert max(t for seq in out.acceptance_lengths for t in seq) == 4

@@ -28,7 +28,8 @@ class AutoregressiveDecoder(Engine):
                                           cu, num_seqs, ops=ops)
             inv = jnp.argsort(order)
             logits = target.logits(h[inv])
-            return sample_tokens(logits, temp, seeds, lens + 1), tcache
+            # logits at position lens (the fed token): the same noise key verify_accept uses
+            return sample_tokens(logits, temp, seeds, lens), tcache
         return step
 
     def _decode_step(self, active, last, temperature, seed_of, slot_req, out):

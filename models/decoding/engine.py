@@ -215,7 +215,8 @@ class Engine:
                 page_idx[s] = self.allocator.page_table[slot]
                 cu[s + 1] = r + n
                 last_rows[s] = r + n - 1
-                temp[s], seeds[s], sample_pos[s] = temp_of(slot), seed_of(slot), start + n
+                # the first token is sampled from the logits at the last prompt position
+                temp[s], seeds[s], sample_pos[s] = temp_of(slot), seed_of(slot), start + n - 1
                 row_start[slot], n_new[slot], ctx_lens[slot] = r, n, start
                 r += n
             cu[len(chunk) + 1:] = r
