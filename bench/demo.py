@@ -1,15 +1,17 @@
 """`make demo`: the shipped tiny code model pair, decoded speculatively and autoregressively.
 
-    python -m bench.demo [--prompts 6] [--max-new-tokens 128] [--backend xla]
+    python -m bench.demo [--prompts 8] [--max-new-tokens 128] [--temperature 0.7] [--batch 16]
     python -m bench.demo --backend pallas --steps 4      # the interpreted Pallas kernels
 
 Loads the target (a 4-layer byte-level code LM, HF naming) and its DFlash drafter (z-lab naming)
 from bench/assets/, takes a handful of prompts from held-out stdlib files (never trained on, see
 models/training/data.py), and decodes them in one run with `SpeculativeDecoder` and with
-`generate_autoregressive`. It asserts that the greedy outputs are identical, prints the generated
-text, tau (mean acceptance length), acceptance by block position, tokens/s of each and the
-speedup, and writes a PNG plot (acceptance by position, tau per prompt) plus the text output next
-to it (--out-dir, default ./demo_output).
+`generate_autoregressive`, in three runs: latency (one request at a time, as the paper measures:
+ms/token and tokens/s of each, speedup, tau, acceptance by block position), sampling at
+--temperature (exact speculative sampling, per-prompt seeds), and throughput at --batch. It
+asserts that the greedy outputs are identical, prints generated text, and writes a PNG plot of the
+latency run (acceptance by position, tau per prompt) plus the text output next to it (--out-dir,
+default ./demo_output).
 
 The default backend is "xla" (plain-jnp twins of the kernels: same numerics contract, fast on
 CPU). `--backend pallas` runs the hand-written kernels (paged attention, write_kv_pages, block
@@ -48,14 +50,16 @@ def load_pair(assets=ASSETS):
 
 
 def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None,
-             max_batch=None, warmup=True, queue=False, ar_result=None, repeats=1):
+             max_batch=None, warmup=True, queue=False, ar_result=None, repeats=1,
+             temperature=0.0, seed=0):
     """Decode `prompts` speculatively and autoregressively (same kernels, same cache).
 
     Returns a dict with both GenerationOutputs, wall times (after a warm-up call that compiles;
     with `repeats` > 1 the fastest of that many alternating runs, which also leaves out the
     compiles of prefill shapes first met in the first run, e.g. with queue=True), tau,
     acceptance by position, tokens/s and per-step times. `ar_result` = (output, seconds) of an
-    earlier autoregressive run to reuse."""
+    earlier autoregressive run to reuse. temperature > 0 samples (same per-prompt seeds in both
+    decoders: the same noise, see `models.sampling`)."""
     from models.decoding import SpeculativeDecoder, generate_autoregressive
 
     max_batch = max_batch or len(prompts)
@@ -64,22 +68,24 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
                               backend=backend, block_size=block_size)
     bs = spec.block_size
     ar_kw = dict(max_batch=max_batch, max_seq_len=max_seq_len, backend=backend)
+    gen_kw = dict(temperature=temperature, seed=seed)
     if warmup:      # compile prefill and step functions (short generations, same shapes)
-        spec.generate(prompts[:max_batch], max_new_tokens=min(2 * bs + 1, max_new_tokens))
+        spec.generate(prompts[:max_batch], max_new_tokens=min(2 * bs + 1, max_new_tokens),
+                      **gen_kw)
         if ar_result is None:
             generate_autoregressive(target, prompts[:max_batch],
-                                    max_new_tokens=min(3, max_new_tokens), **ar_kw)
+                                    max_new_tokens=min(3, max_new_tokens), **ar_kw, **gen_kw)
     ar, t_ar = ar_result if ar_result is not None else (None, float("inf"))
     sp, t_sp = None, float("inf")
     for _ in range(repeats):    # alternate AR and DFlash runs; keep the fastest of each
         if ar_result is None:
             t0 = time.perf_counter()
-            res = _ar(target, prompts, max_new_tokens, ar_kw, queue)
+            res = _ar(target, prompts, max_new_tokens, ar_kw, queue, gen_kw)
             dt = time.perf_counter() - t0
             if dt < t_ar:
                 ar, t_ar = res, dt
         t0 = time.perf_counter()
-        res = spec.generate(prompts, max_new_tokens=max_new_tokens, queue=queue)
+        res = spec.generate(prompts, max_new_tokens=max_new_tokens, queue=queue, **gen_kw)
         dt = time.perf_counter() - t0
         if dt < t_sp:
             sp, t_sp = res, dt
@@ -94,18 +100,20 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
         ar_seconds=t_ar, spec_seconds=t_sp, ar_tokens=n_ar, spec_tokens=n_sp,
         ar_tok_s=n_ar / t_ar, spec_tok_s=n_sp / t_sp, speedup=(n_sp / t_sp) / (n_ar / t_ar),
         ar_steps=ar.num_steps, spec_steps=sp.num_steps,
+        ar_ms_per_token=1e3 * t_ar / n_ar, spec_ms_per_token=1e3 * t_sp / n_sp,
         ar_ms_per_step=1e3 * ar.decode_seconds / max(ar.num_steps, 1),
         spec_ms_per_step=1e3 * sp.decode_seconds / max(sp.num_steps, 1))
 
 
-def _ar(target, prompts, max_new_tokens, ar_kw, queue):
+def _ar(target, prompts, max_new_tokens, ar_kw, queue, gen_kw):
     from models.decoding import AutoregressiveDecoder, generate_autoregressive
 
     if not queue:
-        return generate_autoregressive(target, prompts, max_new_tokens=max_new_tokens, **ar_kw)
+        return generate_autoregressive(target, prompts, max_new_tokens=max_new_tokens, **ar_kw,
+                                       **gen_kw)
     dec = AutoregressiveDecoder(target, max_batch=ar_kw["max_batch"],
                                 max_seq_len=ar_kw["max_seq_len"], backend=ar_kw["backend"])
-    return dec.generate(prompts, max_new_tokens=max_new_tokens, queue=True)
+    return dec.generate(prompts, max_new_tokens=max_new_tokens, queue=True, **gen_kw)
 
 
 def explain(r) -> str:
@@ -150,6 +158,52 @@ def plot(r, path, title):
     plt.close(fig)
 
 
+def _summary(r, label, out):
+    """The figures of one run_pair result, as lines."""
+    out(f"{label}: tau {r['tau']:.2f} (tokens per target step); acceptance by block position "
+        f"k=1..{r['block_size'] - 1}: " + " ".join(f"{x:.2f}" for x in r["acceptance_by_position"]))
+    out(f"  autoregressive {r['ar_ms_per_token']:.2f} ms/token ({r['ar_tok_s']:.0f} tokens/s); "
+        f"DFlash {r['spec_ms_per_token']:.2f} ms/token ({r['spec_tok_s']:.0f} tokens/s): "
+        f"speedup {r['speedup']:.2f}x")
+    out("  " + explain(r))
+
+
+def _show_text(items, r, out, train_data, limit):
+    for i, ((path, ptoks), gen) in enumerate(zip(items, r["spec"].tokens)):
+        if i >= limit:
+            break
+        out(f"--- prompt {i} ({path}, {len(ptoks)} bytes; tau {r['tau_per_prompt'][i]:.2f}) ---")
+        out("  ..." + train_data.decode(ptoks)[-160:].replace("\n", "\n  "))
+        out("  >>> generated:")
+        out("  " + train_data.decode(gen).replace("\n", "\n  "))
+
+
+def _pallas_steps(target, draft, items, args, out, train_data):
+    """A few speculative steps on the interpreted Pallas kernels (correctness, not speed)."""
+    from models.decoding import GenerationOutput
+
+    items = items[:2]
+    prompts = [t for _, t in items]
+    out(f"backend pallas: the hand-written Pallas kernels in the TPU interpreter (slow on CPU): "
+        f"{args.steps} speculative steps for {len(items)} prompts")
+    # size the generation so that the first prompt takes about --steps speculative steps: the xla
+    # run tells how many tokens those steps emit; its greedy output is the AR reference
+    r0 = run_pair(target, draft, prompts, max_new_tokens=args.max_new_tokens, backend="xla",
+                  warmup=False)
+    max_new = int(1 + sum(r0["spec"].acceptance_lengths[0][:args.steps]))
+    ar0 = r0["ar"]
+    ar_cut = GenerationOutput([t[:max_new] for t in ar0.tokens], [[] for _ in ar0.tokens],
+                              ar0.finish_reasons)
+    r = run_pair(target, draft, prompts, max_new_tokens=max_new, backend="pallas",
+                 warmup=False, ar_result=(ar_cut, r0["ar_seconds"]))
+    _show_text(items, r, out, train_data, len(items))
+    assert r["identical"], "speculative greedy output differs from autoregressive decoding"
+    out(f"greedy outputs identical to autoregressive decoding (xla reference): True; tau "
+        f"{r['tau']:.2f}; {r['spec_steps']} steps in {r['spec_seconds']:.0f} s (incl. tracing; "
+        f"the TPU interpreter runs a Python callback per load/store/DMA: no speed is claimed)")
+    return r
+
+
 def main(argv=None):
     from pallas_ops.host import quiet_libtpu_off_tpu
 
@@ -157,12 +211,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("xla", "pallas"), default="xla")
-    p.add_argument("--prompts", type=int, default=6)
+    p.add_argument("--prompts", type=int, default=8, help="latency and sampling runs")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7, help="the sampling run")
+    p.add_argument("--batch", type=int, default=16, help="the throughput run's batch (0: skip)")
+    p.add_argument("--throughput-prompts", type=int, default=32)
+    p.add_argument("--show", type=int, default=3, help="prompts whose text is printed")
     p.add_argument("--steps", type=int, default=4,
                    help="pallas backend: speculative steps to run (2 prompts)")
-    p.add_argument("--seed", type=int, default=0, help="which held-out prompts")
+    p.add_argument("--seed", type=int, default=0, help="which held-out prompts; sampling seed")
     p.add_argument("--assets", default=ASSETS)
     p.add_argument("--out-dir", default="demo_output")
     args = p.parse_args(argv)
@@ -172,73 +230,68 @@ def main(argv=None):
 
     target, draft = load_pair(args.assets)
     tc, dc = target.config, draft.config
-    print(f"target: {tc.num_layers} layers, hidden {tc.hidden_size}, vocab {tc.vocab_size} "
-          f"(bytes); draft: {dc.num_layers} layers, block size {dc.block_size}, reads target "
-          f"layers {list(dc.target_layer_ids)}")
-    items = train_data.heldout_prompts(args.prompts, prompt_len=args.prompt_len, seed=args.seed)
-    max_new = args.max_new_tokens
-    if args.backend == "pallas":
-        items = items[:2]
-        print(f"backend pallas: the hand-written Pallas kernels in the TPU interpreter (slow on "
-              f"CPU): {args.steps} speculative steps for {len(items)} prompts")
-    else:
-        print("backend xla: plain-jnp twins of the Pallas kernels (same numerics contract; the "
-              "interpreted kernels are too slow on a CPU for a full demo: --backend pallas)")
-    prompts = [t for _, t in items]
-
-    if args.backend == "pallas":
-        # size the generation so that the first prompt takes about --steps speculative steps:
-        # the xla run tells how many tokens those steps emit
-        r0 = run_pair(target, draft, prompts, max_new_tokens=max_new, backend="xla",
-                      warmup=False)
-        acc = r0["spec"].acceptance_lengths[0]
-        max_new = int(1 + sum(acc[:args.steps]))
-        print(f"(xla reference run: the first {args.steps} steps emit {max_new} tokens)")
-        # the autoregressive reference is the xla run's (same numerics contract), cut to length
-        from models.decoding import GenerationOutput
-
-        ar0 = r0["ar"]
-        ar_cut = GenerationOutput([t[:max_new] for t in ar0.tokens],
-                                  [[] for _ in ar0.tokens], ar0.finish_reasons)
-        r = run_pair(target, draft, prompts, max_new_tokens=max_new, backend="pallas",
-                     warmup=False, ar_result=(ar_cut, r0["ar_seconds"]))
-    else:
-        r = run_pair(target, draft, prompts, max_new_tokens=max_new, backend=args.backend)
-
     os.makedirs(args.out_dir, exist_ok=True)
     lines = []
 
     def out(s=""):
-        print(s)
+        print(s, flush=True)
         lines.append(s)
 
-    for i, ((path, ptoks), gen) in enumerate(zip(items, r["spec"].tokens)):
-        out(f"--- prompt {i} ({path}, {len(ptoks)} bytes; tau {r['tau_per_prompt'][i]:.2f}) ---")
-        tail = train_data.decode(ptoks)[-160:]
-        out("  ..." + tail.replace("\n", "\n  "))
-        out("  >>> generated:")
-        out("  " + train_data.decode(gen).replace("\n", "\n  "))
-    assert r["identical"], "speculative greedy output differs from autoregressive decoding"
-    out()
-    out(f"greedy outputs identical to autoregressive decoding: {r['identical']} "
-        f"({len(prompts)} prompts, {r['spec_tokens']} tokens)")
-    out(f"tau (mean acceptance length, tokens per target step): {r['tau']:.2f}")
-    out("acceptance by block position k=1..{}: {}".format(
-        r["block_size"] - 1, " ".join(f"{x:.2f}" for x in r["acceptance_by_position"])))
+    out(f"target: {tc.num_layers} layers, hidden {tc.hidden_size}, vocab {tc.vocab_size} (bytes); "
+        f"draft: {dc.num_layers} layers, block size {dc.block_size}, reads target layers "
+        f"{list(dc.target_layer_ids)}")
+    items = train_data.heldout_prompts(args.prompts, prompt_len=args.prompt_len, seed=args.seed)
     if args.backend == "pallas":
-        out(f"DFlash on the interpreted Pallas kernels: {r['spec_steps']} steps in "
-            f"{r['spec_seconds']:.0f} s (incl. tracing; the TPU interpreter runs a Python callback "
-            f"per load/store/DMA, so no speed is claimed here). Autoregressive reference: the xla "
-            f"backend's greedy output.")
+        r = _pallas_steps(target, draft, items, args, out, train_data)
+        title = f"DFlash demo, interpreted Pallas kernels: tau {r['tau']:.2f}"
     else:
-        out(f"autoregressive: {r['ar_tok_s']:.1f} tokens/s ({r['ar_steps']} steps); "
-            f"DFlash: {r['spec_tok_s']:.1f} tokens/s ({r['spec_steps']} steps); "
-            f"speedup {r['speedup']:.2f}x [backend {args.backend}, batch {len(prompts)}]")
-        out(explain(r))
+        out("backend xla: plain-jnp twins of the Pallas kernels (same numerics contract; the "
+            "interpreted kernels are too slow on a CPU for a full demo: --backend pallas)")
+        prompts = [t for _, t in items]
+        run = dict(max_new_tokens=args.max_new_tokens, backend="xla", max_batch=1, queue=True,
+                   repeats=2)
+
+        out()
+        out(f"== Latency: one request at a time, as the paper measures ({len(prompts)} held-out "
+            f"prompts, {args.max_new_tokens} new bytes each, greedy)")
+        r = run_pair(target, draft, prompts, **run)
+        _show_text(items, r, out, train_data, args.show)
+        assert r["identical"], "speculative greedy output differs from autoregressive decoding"
+        out(f"greedy outputs identical to autoregressive decoding: True ({r['spec_tokens']} "
+            f"tokens)")
+        _summary(r, "latency, batch 1", out)
+        title = (f"DFlash demo, batch 1: tau {r['tau']:.2f}, speedup {r['speedup']:.2f}x over "
+                 f"autoregressive ({len(prompts)} held-out prompts)")
+
+        if args.temperature > 0:
+            out()
+            out(f"== Sampling at T = {args.temperature} (exact speculative sampling, per-prompt "
+                f"seeds; batch 1)")
+            rs = run_pair(target, draft, prompts, temperature=args.temperature, seed=args.seed,
+                          **run)
+            _show_text(items, rs, out, train_data, min(2, args.show))
+            same = sum(a == b for a, b in zip(rs["ar"].tokens, rs["spec"].tokens))
+            out(f"same tokens as autoregressive sampling with the same seeds: {same} of "
+                f"{len(prompts)} prompts (both decoders draw the token after position p with the "
+                f"noise of (seed, p); see models/sampling.py)")
+            _summary(rs, f"sampling, T = {args.temperature}", out)
+
+        if args.batch > 0:
+            out()
+            tp_items = train_data.heldout_prompts(args.throughput_prompts,
+                                                  prompt_len=args.prompt_len, seed=args.seed + 1)
+            out(f"== Throughput: batch {args.batch}, {len(tp_items)} prompts through the slots "
+                f"(greedy)")
+            rt = run_pair(target, draft, [t for _, t in tp_items],
+                          **dict(run, max_batch=args.batch))
+            assert rt["identical"], "speculative greedy output differs from autoregressive"
+            _summary(rt, f"throughput, batch {args.batch}", out)
+            out("  (at batch 16 a step waits for its slowest sequence and this CPU's cost grows "
+                "with the 16 verified and 16 drafted tokens per sequence; on a TPU a 16-token "
+                "verify costs about one decode step, weight loads dominating)")
+
     png = os.path.join(args.out_dir, f"demo_acceptance_{args.backend}.png")
-    speed = "" if args.backend == "pallas" else f", speedup {r['speedup']:.2f}x over autoregressive"
-    plot(r, png, f"DFlash demo, backend {args.backend}: tau {r['tau']:.2f}{speed} "
-                 f"({len(prompts)} held-out prompts)")
+    plot(r, png, title)
     with open(os.path.join(args.out_dir, f"demo_output_{args.backend}.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {png} and demo_output_{args.backend}.txt in {args.out_dir}/ "
