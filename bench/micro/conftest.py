@@ -1,20 +1,15 @@
 """pytest set-up of the microbenchmark suite (`python -m pytest bench/micro`).
 
 Runs with the repository's pytest options (`-ra --strict-markers`); no marker is used.
-`tests/conftest.py` is not loaded here, so the libtpu quieting and the interpreter hygiene it
-does are repeated. One option of its own: `--micro-calls-per-round N` (bench/micro/harness.py).
+`tests/conftest.py` is not loaded here: the libtpu quieting (`pallas_ops.host`) and the
+interpreter hygiene it does are called again. One option of its own:
+`--micro-calls-per-round N` (bench/micro/harness.py).
 """
-import os
-import pathlib
+# As tests/conftest.py: off a TPU host, quiet libtpu's start-up and let several processes load it
+# at once (the test suite may be running alongside), before jax starts a backend.
+from pallas_ops.host import quiet_libtpu_off_tpu  # noqa: E402
 
-# As tests/conftest.py: off a TPU host, tell libtpu what it would ask for before jax is imported,
-# and let several processes load it at once (the test suite may be running alongside).
-if not any(pathlib.Path("/dev").glob("accel*")) and not pathlib.Path("/dev/vfio").exists():
-    os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    os.environ.setdefault("GLOG_minloglevel", "3")
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+quiet_libtpu_off_tpu()
 
 import pytest  # noqa: E402
 
