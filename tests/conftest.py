@@ -15,6 +15,11 @@ quiet_libtpu_off_tpu()
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
 
+# tests/multi_device/ needs 8 host devices, fixed when jax starts: tests/test_multi_device.py runs
+# it in a process of its own (PALLAS_DFLASH_MULTI_DEVICE=1 there).
+if not os.environ.get("PALLAS_DFLASH_MULTI_DEVICE"):
+    collect_ignore = ["multi_device"]
+
 hypothesis.settings.register_profile(
     "ci",
     max_examples=12,

@@ -506,6 +506,42 @@ def test_draft_probs_compiles_for_tpu(chip):
     assert "verify_accept" in compiled.as_text()
 
 
+@pytest.mark.tpu_compile
+@pytest.mark.parametrize("chip", CHIPS_UNDER_TEST)
+def test_vocab_sharded_compiles_for_a_4_chip_slice(chip):
+    """verify_accept on vocabulary shards inside shard_map over a 4-chip slice (Qwen3 vocab,
+    B=64, bs=16, sampling): Mosaic compiles it, and the one collective is an all-gather of
+    per-row scalars (no gather of logits: nothing of vocabulary size crosses the chips)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from tests.tpu_harness import require_libtpu
+
+    require_libtpu()
+    from jax.experimental import topologies
+
+    from pallas_ops.chips import CHIPS
+
+    devs = topologies.get_topology_desc(platform="tpu", topology_name=CHIPS[chip].topology).devices
+    mesh = Mesh(np.array(devs[:4]), ("model",))
+    B, bs, V = 64, 16, 151936
+
+    def local(lg, d, t, s, pos):
+        return verify_accept(lg, d, temperature=t, seed=s, position=pos, interpret=False,
+                             chip=chip, vocab_axis_name="model")
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, out_specs=P(), check_vma=False,
+                              in_specs=(P(None, None, "model"), P(), P(), P(), P())))
+    sh = lambda spec: NamedSharding(mesh, spec)   # noqa: E731
+    args = [jax.ShapeDtypeStruct((B, bs, V), jnp.bfloat16, sharding=sh(P(None, None, "model")))]
+    args += [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh(P()))
+             for x in _specs(B, bs, V, jnp.bfloat16, True)[1:]]
+    hlo = f.lower(*args).compile().as_text()
+    assert hlo.count("tpu_custom_call") == 1
+    gathers = [ln for ln in hlo.splitlines() if " all-gather(" in ln]
+    assert len(gathers) == 1 and "all-reduce(" not in hlo, gathers
+    assert f"s32[{4 * 3},{B},{bs}]" in gathers[0]   # shards x (score, index, NaN) x rows
+
+
 @pytest.mark.parametrize("sampling", [False, True])
 def test_block_size_one(sampling):
     """bs = 1: no drafts, the token is the target's argmax / sample at the block's position."""

@@ -10,14 +10,14 @@ import jax.numpy as jnp
 from pallas_ops.chips import current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.verify.block_sizes import VerifyAcceptBlockSizes, default_block_sizes
-from pallas_ops.verify.kernel import run_verify_accept
+from pallas_ops.verify.kernel import run_verify_accept, verify_call
 from pallas_ops.verify.result import VerifyResult
 from pallas_ops.verify.validation import check_args
 
 
 def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
                   draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
-                  chip=None) -> VerifyResult:
+                  chip=None, vocab_axis_name=None) -> VerifyResult:
     """Verify a block of drafts per sequence against the target logits, in one kernel.
 
     Args:
@@ -33,6 +33,13 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
       block_sizes: `VerifyAcceptBlockSizes` or None (the table for `chip` / the current chip).
       interpret: see `pallas_ops.execution.resolve_interpret`.
       chip: 'v5e' | 'v5p' | 'v6e' | None: block-size table and VMEM budget (None: current chip).
+      vocab_axis_name: None, or the name of a mesh axis the vocabulary is split over (call inside
+        `jax.shard_map`): logits [B, bs, V / n] and draft_probs [B, bs-1, V / n] are then this
+        device's contiguous shard (device k holds columns k * V / n ..), draft tokens and the
+        result are global and replicated. Only per-row partials cross the axis (greedy max and
+        argmax, the Gumbel-max winner and its score, the log-sum-exp for draft_probs); the noise
+        is keyed by the global index, so the result equals the unsharded call's for the same
+        seeds (up to the float rounding of a sharded log-sum-exp on the draft_probs path).
 
     Returns:
       VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]): tokens = d_1..d_a, then the
@@ -54,5 +61,9 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
                          f"B={B}")
     interpret = resolve_interpret(interpret)
     num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    if vocab_axis_name is not None:   # inside shard_map: the collectives take the caller's trace
+        return verify_call(logits, draft_tokens, temperature, seed, position, draft_probs,
+                           num_seqs, bsz=block_sizes, interpret=interpret, chip=chip,
+                           axis=vocab_axis_name)
     return run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
                              bsz=block_sizes, interpret=interpret, chip=chip)

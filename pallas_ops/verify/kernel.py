@@ -43,7 +43,8 @@ from pallas_ops import rng
 from pallas_ops.chips import CHIPS
 from pallas_ops.verify.block_sizes import LANES
 from pallas_ops.verify.result import VerifyResult
-from pallas_ops.verify.xla import finish_probs, row_drafts, row_params, seq_valid
+from pallas_ops.verify.xla import (combine_rows, finish_onehot, finish_probs, row_drafts,
+                                   row_params, seq_valid, vocab_offset, vocab_size)
 
 _NEG_INF = float("-inf")
 _BIG = 2 ** 31 - 1
@@ -60,10 +61,11 @@ def _chunk_unroll(nchunks: int) -> int:
     return 1
 
 
-def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
+def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
     it = iter(refs)
     # Prefetch
     ns_ref = next(it)                                  # SMEM int32 [1]: num_seqs
+    off_ref = next(it) if stats else None              # SMEM int32 [1]: vocab index of column 0
     samp_ref = next(it) if sampling else None          # SMEM int32 [B]: 1 if T > 0 (sampling)
     # Inputs
     logits_ref = next(it)                              # VMEM [bb, bs, tv] f32/bf16
@@ -72,10 +74,12 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
         invt_ref = next(it)                            # VMEM f32 [bb, bs, 1]: 1/T
         key_ref = next(it)                             # VMEM int32 [bb, bs, 1]: rng row key
     # Outputs
-    if with_lse:
-        idx_out = next(it)                             # VMEM int32 [bb, bs, 1]: sample per row
-        bad_out = next(it)                             # VMEM int32 [bb, bs, 1]: 1 if NaN/all -inf
-        lse_out = next(it)                             # VMEM f32 [bb, bs, 1]: lse(logits / T)
+    if stats:
+        idx_out = next(it)                             # VMEM int32 [bb, bs, 1]: winner per row
+        nan_out = next(it)                             # VMEM int32 [bb, bs, 1]: 1 if a NaN logit
+        max_out = next(it)                             # VMEM f32 [bb, bs, 1]: the winner's score
+        if with_lse:
+            lse_out = next(it)                         # VMEM f32 [bb, bs, 1]: lse(logits / T)
     else:
         tok_out = next(it)                             # VMEM int32 [bb, bs, 1]: tokens
         acc_out = next(it)                             # VMEM int32 [bb, 1, 1]: num_accepted
@@ -109,6 +113,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
     base = v * tv
     chunk0 = v * nchunks
     lane = lax.broadcasted_iota(jnp.int32, (bs, LANES), 1)
+    offset = off_ref[0] if stats else 0               # global vocab index of local column 0
     lim = V - base                                     # valid lanes of this tile (masked tile)
 
     def load(b, g0, c, masked):
@@ -165,7 +170,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
 
         n0 = n_sc[b] if with_lse else m_sc[b]
         m, cid, n, _ = lax.fori_loop(0, ngroups, group,
-                                     (m_sc[b], c_sc[b], n0, (lane + base) * mul))
+                                     (m_sc[b], c_sc[b], n0, (lane + base + offset) * mul))
         m_sc[b] = m
         c_sc[b] = cid
         if with_lse:
@@ -224,12 +229,14 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse):
         gidx = c_sc[...] * LANES + lax.broadcasted_iota(jnp.int32, m.shape, 2)
         tok = jnp.min(jnp.where(m == mx, gidx, _BIG), axis=-1, keepdims=True)
         nan = jnp.max(jnp.where(m != m, 1, 0), axis=-1, keepdims=True) > 0
-        bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
-        if with_lse:
-            idx_out[...] = tok
-            bad_out[...] = bad.astype(jnp.int32)
-            lse_out[...] = lm_sc[...] + jnp.log(ls_sc[...])
+        if stats:   # per-row statistics; the accept decision is made outside (xla.finish_*)
+            idx_out[...] = tok + offset
+            nan_out[...] = nan.astype(jnp.int32)
+            max_out[...] = mx
+            if with_lse:
+                lse_out[...] = lm_sc[...] + jnp.log(ls_sc[...])
             return
+        bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
         seq_id = i * bb + lax.broadcasted_iota(jnp.int32, (bb, 1, 1), 0)
         j = lax.broadcasted_iota(jnp.int32, (bb, bs, 1), 1)
         match = tok == drafts_ref[...]                       # row bs-1 never matches (-1)
@@ -248,7 +255,11 @@ def _vmem_estimate(bb, bs, tv, itemsize, with_lse):
     return 2 * tile + scratch + small
 
 
-def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpret, chip):
+def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse, stats,
+                 interpret, chip):
+    """stats=False: the accept scan in the kernel -> (tokens [B, bs, 1], num_accepted [B, 1, 1]).
+    stats=True: per-row statistics of this vocabulary shard (columns offset .. offset + V - 1)
+    -> (winner index, NaN flag, winner score[, lse]) each [B, bs, 1]."""
     B, bs, V = logits.shape
     bb, tv = bsz.seqs_per_block, bsz.vocab_tile
     nblk, nv = B // bb, pl.cdiv(V, tv)
@@ -276,16 +287,20 @@ def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpr
     in_specs = [pl.BlockSpec((bb, bs, tv), logits_map), row_spec]
     args = [logits, drafts[..., None]]
     prefetch = [ns]
+    if stats:
+        prefetch.append(jnp.asarray(offset, jnp.int32).reshape(1))
     if sampling:
         inv_t, _, key = params
         in_specs += [row_spec] * 2
         args += [inv_t[..., None], key[..., None]]
         prefetch.append(samp_seq)
-    if with_lse:
+    if stats:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.float32)]
-        out_specs = [pl.BlockSpec((bb, bs, 1), out_map)] * 3
+        if with_lse:
+            out_shape.append(jax.ShapeDtypeStruct((B, bs, 1), jnp.float32))
+        out_specs = [pl.BlockSpec((bb, bs, 1), out_map)] * len(out_shape)
     else:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, 1, 1), jnp.int32)]
@@ -312,7 +327,7 @@ def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpr
         raise ValueError(f"block_sizes {bsz} need ~{vmem} bytes of VMEM, over half the "
                          f"{budget}-byte budget of {chip or 'the fallback chip'}")
     kernel = functools.partial(_kernel, V=V, tv=tv, bs=bs, bb=bb, sampling=sampling,
-                               with_lse=with_lse)
+                               with_lse=with_lse, stats=stats)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -333,22 +348,34 @@ def _verify_call(logits, drafts, ns, samp_seq, params, *, bsz, with_lse, interpr
     )(*prefetch, *args)
 
 
-@functools.partial(jax.jit, static_argnames=("bsz", "interpret", "chip"))
-def run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *,
-                bsz, interpret, chip):
+def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *, bsz,
+                interpret, chip, axis=None):
+    """The kernel and the host-side steps around it. axis=None: logits hold the whole vocabulary
+    (one-hot drafts: the accept scan runs in the kernel). axis = a mesh axis name: logits [B, bs,
+    V_local] are this device's shard of the vocabulary (inside shard_map); the kernel returns
+    per-row statistics, which `xla.combine_rows` exchanges across the axis (a few scalars per
+    row), and the accept decision follows on every shard alike."""
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
-    drafts = row_drafts(draft_tokens, V)
+    drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     with_lse = draft_probs is not None and params is not None
+    stats = with_lse or axis is not None
     ns = jnp.clip(num_seqs, 0, B).reshape(1)
     samp_seq = None
     if params is not None:
         samp_seq = (params[1][:, 0] > 0).astype(jnp.int32)       # per sequence
-    outs = _verify_call(logits, drafts, ns, samp_seq, params, bsz=bsz, with_lse=with_lse,
-                        interpret=interpret, chip=chip)
-    if not with_lse:
+    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis), bsz=bsz,
+                        with_lse=with_lse, stats=stats, interpret=interpret, chip=chip)
+    if not stats:
         tok, acc = outs
         return VerifyResult(acc[:, 0, 0], tok[..., 0])
-    idx, bad, lse = (o[..., 0] for o in outs)
-    return finish_probs(logits, draft_probs, drafts, idx, bad > 0, lse, params, seed, position,
-                        seq_valid(B, num_seqs), temperature)
+    idx, nan, mx, *lse = (o[..., 0] for o in outs)
+    idx, bad, lse = combine_rows(idx, nan > 0, mx, lse[0] if lse else None, axis)
+    valid = seq_valid(B, num_seqs)
+    if not with_lse:
+        return finish_onehot(idx, bad, drafts, valid)
+    return finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
+                        valid, temperature, axis=axis)
+
+
+run_verify_accept = jax.jit(verify_call, static_argnames=("bsz", "interpret", "chip", "axis"))

@@ -10,14 +10,19 @@ Jittable with fixed shapes; `num_seqs` may be a traced int32 scalar.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from pallas_ops import rng
 from pallas_ops.verify.result import VerifyResult
 from pallas_ops.verify.validation import check_args
 
 __all__ = ["VerifyResult", "verify_accept"]
+
+_BIG = 2 ** 31 - 1
 
 def row_params(B, bs, temperature, seed, position):
     """Per-row (b, j) parameters: inv_t f32 [B, bs] (1/T, or 1 for greedy rows), gscale f32
@@ -50,23 +55,72 @@ def seq_valid(B, num_seqs):
     return jnp.arange(B, dtype=jnp.int32) < jnp.asarray(num_seqs, jnp.int32).reshape(())
 
 
-def row_stats(logits, params, *, with_lse=False):
-    """Per row: idx int32 [B, bs] (argmax of the score), bad bool [B, bs] (NaN or all -inf),
-    lse f32 [B, bs] of logits * inv_t (None unless with_lse)."""
+def row_stats(logits, params, *, with_lse=False, offset=0):
+    """Per row of this vocabulary shard (global columns offset .. offset + V - 1): winner idx int32
+    [B, bs] (argmax of the score, lowest index on ties, global), nan bool [B, bs] (a NaN logit),
+    mx f32 [B, bs] (the winner's score), lse f32 [B, bs] of logits * inv_t (None unless
+    with_lse). The noise is keyed by the global index, so shards score as the whole row would."""
     x = logits.astype(jnp.float32)
     B, bs, V = x.shape
-    bad = jnp.isnan(x).any(-1) | (jnp.max(jnp.where(jnp.isnan(x), 0.0, x), -1) == -jnp.inf)
+    nan = jnp.isnan(x).any(-1)
     if params is None:
         y = score = x
     else:
         inv_t, gscale, key = params
         y = x * inv_t[..., None]
-        index = jnp.arange(V, dtype=jnp.int32)
+        index = jnp.arange(V, dtype=jnp.int32) + offset
         g = rng.gumbel(rng.bits(key[..., None], index))
         score = jnp.where(gscale[..., None] > 0, y + g, y)
-    idx = jnp.argmax(score, -1).astype(jnp.int32)
+    idx = jnp.argmax(score, -1).astype(jnp.int32) + offset
+    mx = jnp.max(score, -1)
     lse = jax.nn.logsumexp(y, -1) if with_lse else None
-    return idx, bad, lse
+    return idx, nan, mx, lse
+
+
+def combine_rows(idx, nan, mx, lse, axis):
+    """Row statistics of every vocabulary shard on mesh axis `axis` -> those of the whole row
+    (idx, bad, lse): the highest score wins, the lowest global index among equal scores (as
+    jnp.argmax), a NaN anywhere or a row of all -inf is bad; lse combined by log-sum-exp. One
+    all-gather of the per-row scalars crosses the axis (not three all-reduces). axis=None: this
+    shard is the whole row."""
+    if axis is not None:
+        f2i = lambda v: lax.bitcast_convert_type(v.astype(jnp.float32), jnp.int32)   # noqa: E731
+        i2f = lambda v: lax.bitcast_convert_type(v, jnp.float32)                      # noqa: E731
+        parts = [f2i(mx), idx, nan.astype(jnp.int32)] + ([f2i(lse)] if lse is not None else [])
+        every = lax.all_gather(jnp.stack(parts), axis)          # [shards, 3 | 4, B, bs]
+        mxs, idxs, nans = i2f(every[:, 0]), every[:, 1], every[:, 2]
+        mx = jnp.max(mxs, 0)
+        idx = jnp.min(jnp.where(mxs == mx, idxs, _BIG), 0)
+        nan = jnp.max(nans, 0) > 0
+        if lse is not None:
+            lses = i2f(every[:, 3])
+            m = jnp.max(lses, 0)
+            m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+            lse = m_safe + jnp.log(jnp.sum(jnp.exp(lses - m_safe), 0))
+    return idx, nan | (mx == -jnp.inf), lse
+
+
+def vocab_size(V_local, axis):
+    """The whole vocabulary of a row split over mesh axis `axis` in equal contiguous shards."""
+    return V_local if axis is None else V_local * lax.axis_size(axis)
+
+
+def vocab_offset(V_local, axis):
+    """Global vocabulary index of this shard's column 0."""
+    return 0 if axis is None else lax.axis_index(axis) * V_local
+
+
+def _at_index(arr, idx, offset, axis):
+    """arr [..., V_local] (this shard), idx int32 [...] global -> arr at idx, from whichever shard
+    holds it (max over the axis of the holder's value and -inf elsewhere)."""
+    V = arr.shape[-1]
+    local = idx - offset
+    here = (local >= 0) & (local < V)
+    val = jnp.take_along_axis(arr, jnp.clip(local, 0, V - 1)[..., None], axis=-1)[..., 0]
+    val = val.astype(jnp.float32)
+    if axis is None:
+        return val
+    return lax.pmax(jnp.where(here, val, -jnp.inf), axis)
 
 
 def finish_onehot(idx, bad, drafts, valid):
@@ -85,10 +139,13 @@ def _emit(a, tokens, bad, valid):
 
 
 def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position, valid,
-                 temperature):
+                 temperature, *, axis=None):
     """draft_probs path after the per-row stats: accept test, residual sample at the first
-    rejection (one row of logits and q per sequence), bonus. Greedy rows use the one-hot scan."""
+    rejection (one row of logits and q per sequence), bonus. Greedy rows use the one-hot scan.
+    With `axis`, logits and draft_probs are this shard's vocabulary columns (see combine_rows):
+    the draft's p and q, and the residual sample's winner, are exchanged as per-row scalars."""
     B, bs, V = logits.shape
+    offset = vocab_offset(V, axis)
     inv_t, _, _ = params
     samp = jnp.asarray(temperature, jnp.float32) > 0
     onehot = finish_onehot(idx, bad, drafts, valid)
@@ -99,8 +156,8 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
     d = drafts[:, :-1]                                     # [B, bs-1]
     dvalid = d >= 0
     dc = jnp.maximum(d, 0)
-    x_d = jnp.take_along_axis(logits[:, :-1, :], dc[..., None], axis=2)[..., 0].astype(jnp.float32)
-    q_d = jnp.take_along_axis(draft_probs, dc[..., None], axis=2)[..., 0].astype(jnp.float32)
+    x_d = _at_index(logits[:, :-1, :], dc, offset, axis)
+    q_d = _at_index(draft_probs, dc, offset, axis)
     p_d = jnp.exp(x_d * inv_t[:, :-1] - lse[:, :-1])
     jj = jnp.arange(bs - 1, dtype=jnp.int32)[None, :]
     akey = rng.row_key(seed[:, None], pos[:, None] + jj, rng.STREAM_ACCEPT)
@@ -116,10 +173,15 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
     p = jnp.exp(x_a * inv_a - lse_a)
     r = jnp.maximum(p - q_a, 0.0)
     gkey = rng.row_key(seed, pos + ar, rng.STREAM_GUMBEL)
-    g = rng.gumbel(rng.bits(gkey[:, None], jnp.arange(V, dtype=jnp.int32)[None, :]))
+    g = rng.gumbel(rng.bits(gkey[:, None], jnp.arange(V, dtype=jnp.int32)[None, :] + offset))
     rscore = jnp.where(r > 0, jnp.log(jnp.where(r > 0, r, 1.0)) + g, -jnp.inf)
-    ridx = jnp.argmax(rscore, -1).astype(jnp.int32)
-    use_res = (a < bs - 1) & jnp.take_along_axis(dvalid, ar[:, None], axis=1)[:, 0] & (r > 0).any(-1)
+    ridx = jnp.argmax(rscore, -1).astype(jnp.int32) + offset
+    rpos = (r > 0).any(-1)
+    if axis is not None:
+        top = lax.pmax(jnp.max(rscore, -1), axis)
+        ridx = lax.pmin(jnp.where(jnp.max(rscore, -1) == top, ridx, _BIG), axis)
+        rpos = lax.pmax(rpos.astype(jnp.int32), axis) > 0
+    use_res = (a < bs - 1) & jnp.take_along_axis(dvalid, ar[:, None], axis=1)[:, 0] & rpos
     idx_a = jnp.take_along_axis(idx, a[:, None], axis=1)[:, 0]
     last = jnp.where(use_res, ridx, idx_a)
     j = jnp.arange(bs, dtype=jnp.int32)[None, :]
@@ -130,8 +192,8 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
 
 
 def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
-                  draft_probs=None, num_seqs=None, block_sizes=None,
-                  interpret=None) -> VerifyResult:
+                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
+                  vocab_axis_name=None) -> VerifyResult:
     """Plain-jnp verify/accept (`block_sizes` and `interpret` are accepted and ignored).
 
     Args and result as `pallas_ops.verify_accept`: logits [B, bs, V] f32/bf16, draft_tokens int32
@@ -143,18 +205,25 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
     B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
                           num_seqs)
     num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    if vocab_axis_name is not None:   # inside shard_map: collectives need no jit of our own
+        return _verify(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
+                       axis=vocab_axis_name)
     return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs)
 
 
-@jax.jit
-def _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs):
+def _verify(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *, axis):
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
-    drafts = row_drafts(draft_tokens, V)
+    drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     valid = seq_valid(B, num_seqs)
     with_probs = draft_probs is not None and params is not None
-    idx, bad, lse = row_stats(logits, params, with_lse=with_probs)
+    idx, nan, mx, lse = row_stats(logits, params, with_lse=with_probs,
+                                  offset=vocab_offset(V, axis))
+    idx, bad, lse = combine_rows(idx, nan, mx, lse, axis)
     if not with_probs:
         return finish_onehot(idx, bad, drafts, valid)
     return finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
-                        valid, temperature)
+                        valid, temperature, axis=axis)
+
+
+_verify_jit = jax.jit(functools.partial(_verify, axis=None))
