@@ -488,7 +488,9 @@ def run_pytest(tree: pathlib.Path, tests, timeout: float):
         status = "failed"
     else:                      # 2 interrupted (collection error), 3 internal, 4 usage, 5 none
         status = "error"
-    return status, secs, "\n".join(text.strip().splitlines()[-15:])
+    failed = [line.split(" ", 1)[1].split(" - ")[0] for line in text.splitlines()
+              if line.startswith(("FAILED ", "ERROR "))]
+    return status, secs, "\n".join(text.strip().splitlines()[-15:]), failed
 
 
 RESULT = {"failed": "caught", "passed": "survived", "error": "error", "timeout": "timeout"}
@@ -502,13 +504,13 @@ def run_mutant(m: Mutant, root, files, timeout, keep=False):
         text = path.read_text()
         assert text.count(m.original) == 1, m.id
         path.write_text(text.replace(m.original, m.replacement, 1))
-        status, secs, tail = run_pytest(tmp, m.tests, timeout)
+        status, secs, tail, failed = run_pytest(tmp, m.tests, timeout)
     finally:
         if not keep:
             shutil.rmtree(tmp, ignore_errors=True)
     return dict(id=m.id, file=m.file, description=m.description, tests=list(m.tests),
                 equivalent=m.equivalent, result=RESULT[status], seconds=round(secs, 1),
-                tail=tail)
+                caught_by=failed[0] if failed else "", tail=tail)
 
 
 def clean_check(mutants, root, files, timeout):
@@ -522,18 +524,20 @@ def clean_check(mutants, root, files, timeout):
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="mutant-clean-"))
     try:
         copy_tree(root, files, tmp)
-        status, secs, tail = run_pytest(tmp, tests, timeout * 4)
+        status, secs, tail, _ = run_pytest(tmp, tests, timeout * 4)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return status, secs, tail, tests
 
 
 def table(results) -> str:
-    rows = ["| id | file | description | result | s |", "|---|---|---|---|---|"]
+    rows = ["| id | file | description | result | s | caught by |",
+            "|---|---|---|---|---|---|"]
     for r in results:
         res = r["result"] + (" (equivalent)" if r["equivalent"] else "")
+        by = r["caught_by"].removeprefix("tests/")
         rows.append(f"| {r['id']} | {r['file']} | {r['description']} | {res} | "
-                    f"{r['seconds']:.0f} |")
+                    f"{r['seconds']:.0f} | {by} |")
     return "\n".join(rows)
 
 
@@ -594,9 +598,10 @@ def main(argv=None) -> int:
     results = []
 
     def report(r):
-        print(f"[{len(results)}/{len(mutants)}] {r['id']}: {r['result']} ({r['seconds']:.0f} s)",
-              flush=True)
-        if r["result"] in ("survived", "error", "timeout") and r["result"] != "survived":
+        by = f" by {r['caught_by']}" if r["caught_by"] else ""
+        print(f"[{len(results)}/{len(mutants)}] {r['id']}: {r['result']}{by} "
+              f"({r['seconds']:.0f} s)", flush=True)
+        if r["result"] in ("error", "timeout"):
             print("    " + r["tail"].replace("\n", "\n    "), flush=True)
 
     if args.jobs <= 1:
