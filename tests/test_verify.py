@@ -339,6 +339,51 @@ def test_sampling_matches_reference(data):
     assert_same(verify_accept_xla.verify_accept(jl, jd, **jkw), want)
 
 
+def test_kernel_draft_probs_with_rejections_matches_reference():
+    """The kernel's draft_probs path (online log-sum-exp over three vocabulary tiles whose
+    maximum grows tile by tile, then the accept test and the residual sample) on a batch where
+    drafts are often rejected: equal to the reference token for token."""
+    r = np.random.default_rng(17)
+    B, bs, V = 16, 4, 300
+    x = r.normal(size=(B, bs, V)) + np.linspace(0.0, 4.0, V)   # later tiles hold the max
+    q = r.dirichlet(np.full(V, 0.3), size=(B, bs - 1))
+    d = np.stack([[r.choice(V, p=q[b, j]) for j in range(bs - 1)] for b in range(B)])
+    logits = x.astype(np.float32)
+    kw = dict(temperature=np.full(B, 0.9, np.float32), seed=np.arange(B, dtype=np.int32) + 5,
+              position=np.full(B, 33, np.int32), draft_probs=q.astype(np.float32))
+    want = ref.verify_accept(logits, d.astype(np.int32), **kw)
+    assert (want.num_accepted < bs - 1).sum() >= B // 2 and (want.num_accepted > 0).any()
+    jl, jd, jkw = _to_jnp(logits, d.astype(np.int32), kw, jnp.float32)
+    assert_same(verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(8, 128), **jkw), want)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+def test_draft_probs_invalid_drafts_are_rejected(impl):
+    """Drafts outside [0, V) (-1, V, V + 1, int32 max) with draft_probs: rejected at once and
+    never used as an index; the token is x_0, the sample of p (not a residual sample). q puts
+    most of its mass on p's likely tokens, so a residual sample would differ from x_0."""
+    r = np.random.default_rng(19)
+    B, bs, V = 16, 2, 200
+    x = (r.normal(size=(B, bs, V)) * 2).astype(np.float32)
+    top = np.argsort(x[:, 0], axis=-1)[:, -4:]
+    q = np.full((B, 1, V), 0.2 / (V - 4))
+    np.put_along_axis(q[:, 0], top, 0.2, axis=-1)
+    d = np.array([-1, V, V + 1, 2 ** 31 - 1] * (B // 4), np.int32)[:, None]
+    kw = dict(temperature=np.full(B, 1.0, np.float32), seed=np.arange(B, dtype=np.int32),
+              position=np.full(B, 3, np.int32), draft_probs=q.astype(np.float32))
+    want = ref.verify_accept(x, d, **kw)
+    np.testing.assert_array_equal(want.num_accepted, np.zeros(B))
+    np.testing.assert_array_equal(want.tokens[:, 0], _samples(x.astype(np.float64),
+                                                              kw["temperature"], kw["seed"],
+                                                              kw["position"])[:, 0])
+    jl, jd, jkw = _to_jnp(x, d, kw, jnp.float32)
+    if impl == "kernel":
+        got = verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(8, 128), **jkw)
+    else:
+        got = verify_accept_xla.verify_accept(jl, jd, **jkw)
+    assert_same(got, want)
+
+
 @pytest.mark.parametrize("impl", ["kernel", "xla"])
 def test_draft_probs_zero_probability_draft_is_rejected(impl):
     """A draft the target gives probability 0 is never accepted, even when the draft gave it
