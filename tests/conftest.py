@@ -39,6 +39,13 @@ hypothesis.settings.register_profile(
 )
 PROFILE = os.environ.get("PALLAS_DFLASH_PROFILE", "ci")
 hypothesis.settings.load_profile(PROFILE)
+if os.environ.get("PALLAS_DFLASH_NO_SHRINK"):
+    # The mutation campaign (tests/mutation.py) only asks whether a test fails: the same examples
+    # are generated, but a failure is not shrunk (shrinking reruns interpreted kernels for minutes).
+    hypothesis.settings.register_profile(
+        PROFILE + "-no-shrink", hypothesis.settings.get_profile(PROFILE),
+        phases=[hypothesis.Phase.explicit, hypothesis.Phase.reuse, hypothesis.Phase.generate])
+    hypothesis.settings.load_profile(PROFILE + "-no-shrink")
 
 
 def pytest_report_header(config):

@@ -170,6 +170,16 @@ def test_window_interior_tile_runs_unmasked_and_default_block_sizes():
     check_against_reference(block_attention(*args), args, dtype=jnp.float32)
 
 
+def test_window_edge_at_a_tile_start():
+    # ctx 256, bs 4, W 131: context key j is visible to every block row iff
+    # j > ctx + bs - 1 - W = 128, so the tile starting at key 128 holds the one key the last row
+    # must not see (128 > 256 + 3 - 131 is false): that tile has to run the masked path.
+    shape = dict(B=1, bs=4, Hq=4, Hkv=1, D=64, S_max=256, ctx_lens=[256], dtype=jnp.float32)
+    args = make_inputs(5, **shape)
+    out = block_attention(*args, sliding_window=131, block_sizes=SMALL)
+    check_against_reference(out, args, dtype=jnp.float32, sliding_window=131)
+
+
 def _append_inputs(seed, dtype, *, B=3, Hkv=2, D=64, S_max=296, n_max=21,
                    ctx=(0, 7, 275), n_new=(21, 0, 21)):
     ctx = np.asarray(ctx, np.int32)

@@ -5,8 +5,9 @@ compiles once; sequence count, q/kv lengths, page tables and values are data dra
 Everything the kernel must not read is poisoned: unused pages and rows past kv_len in a
 sequence's last page are NaN, pages wholly outside a sliding window are NaN, page-table slots a
 sequence does not need hold huge indices, q rows past cu_q_lens[num_seqs] are NaN, and padding
-sequence slots hold garbage lengths. The interpreter (`out_of_bounds_reads='raise'`) turns a read
-of a huge page index into an error, and a read of a NaN page into a NaN output.
+sequence slots hold garbage lengths (kv_lens and cu_q_lens entries past num_seqs). The
+interpreter (`out_of_bounds_reads='raise'`) turns a read of a huge page index into an error, and
+a read of a NaN page into a NaN output.
 """
 from __future__ import annotations
 
@@ -171,6 +172,8 @@ def make_case(geo: Geometry, q_lens, kv_lens, *, seed=0, garbage_padding_slots=T
     lens[:num_seqs] = kv_lens
     if garbage_padding_slots and num_seqs < s_max:
         lens[num_seqs:] = rng.integers(1, 10 * geo.capacity, size=s_max - num_seqs)
+        # cu_q_lens past num_seqs is not constrained either (not even monotone)
+        cu[num_seqs + 1:] = rng.integers(0, geo.num_tokens + 1, size=s_max - num_seqs)
     for s in range(num_seqs):
         kv_len, q_len = kv_lens[s], q_lens[s]
         n_pages = -(-kv_len // ps)
@@ -258,6 +261,22 @@ def test_exact_page_boundaries_and_full_capacity():
     _assert_matches_reference(case, _kernel(case))
 
 
+@pytest.mark.parametrize("geo", [GEOMETRIES[3], GEOMETRIES[5]], ids=lambda g: g.name)
+def test_window_edge_on_a_page_boundary(geo):
+    # Decode rows whose first visible key (position p - W + 1) is the first row of a page, the
+    # row before it (the last row of the previous page) or the row after it. Pages wholly left
+    # of the window are NaN: loading one more page poisons the output, one page fewer drops a
+    # key the query sees.
+    w, ps = geo.sliding_window, geo.page_size
+    deltas = [0, -1, 1, 0][: geo.max_seqs]
+    kv_lens = [(1 + s % 2) * ps + w + delta for s, delta in enumerate(deltas)]   # p = kv_len-1
+    assert max(kv_lens) <= geo.capacity
+    case = make_case(geo, [1] * len(deltas), kv_lens, seed=13)
+    _assert_matches_reference(case, _kernel(case))
+    xla = _jitted_xla_attention(geo.soft_cap, geo.sliding_window, 16)(*case.args())
+    _assert_matches_reference(case, np.asarray(xla, np.float64))
+
+
 def test_zero_sequences_in_use_gives_zeros():
     geo = GEOMETRIES[0]
     case = make_case(geo, [], [], seed=1)
@@ -338,6 +357,20 @@ def test_write_then_attend_matches_reference(geo, data):
     np.testing.assert_array_equal(_bits(k_after), _bits(k_ref.astype(k_after.dtype)))
     written = dataclasses.replace(case, k_pages=k_after, v_pages=v_after)
     _assert_matches_reference(written, _kernel(written))
+
+
+def test_write_kv_pages_across_token_blocks():
+    # 136 new rows: two token blocks of 128. Sequence 0's tokens 124..129 share one page (page
+    # slot 8, positions 128..133), so that page's run straddles the block boundary at token 128
+    # and must be split there; sequence 1 is one decode row; rows 131.. are padding (NaN).
+    geo = Geometry("g1-bf16-d64-p16-t136", 1, 1, 64, 16, "bfloat16", "bfloat16", 136, 2, 10, None)
+    case = make_case(geo, [130, 1], [134, 20], seed=4)
+    k_before, v_before, k_new, v_new = _split_new_tokens(case)
+    meta = (case.kv_lens, case.page_indices, case.cu_q_lens, case.num_seqs)
+    for write in (write_kv_pages, _jitted_xla_write):
+        k_after, v_after = write(k_before, v_before, k_new, v_new, *meta)
+        np.testing.assert_array_equal(_bits(k_after), _bits(case.k_pages))
+        np.testing.assert_array_equal(_bits(v_after), _bits(case.v_pages))
 
 
 def test_write_kv_pages_no_dma_races():

@@ -90,6 +90,11 @@ def test_soft_cap():
                           soft_cap=1.0)
     w1 = np.exp(np.tanh(10.0)) / (1.0 + np.exp(np.tanh(10.0)))
     np.testing.assert_allclose(out[0, 0], (1 - w1) * _e(0) + w1 * _e(1), rtol=1e-12)
+    # Cap 3: the capped logit is 3 tanh(10 / 3) (the factor c matters once c != 1).
+    out = paged_attention(_e(0)[None, None], k, v, kv_lens, table, cu, n, sm_scale=1.0,
+                          soft_cap=3.0)
+    w1 = np.exp(3 * np.tanh(10.0 / 3)) / (1.0 + np.exp(3 * np.tanh(10.0 / 3)))
+    np.testing.assert_allclose(out[0, 0], (1 - w1) * _e(0) + w1 * _e(1), rtol=1e-12)
 
 
 def test_sliding_window():

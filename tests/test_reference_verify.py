@@ -210,3 +210,16 @@ def test_draft_probs_hand_cases():
             assert r.num_accepted[0] == 1 and r.tokens[0, 0] == 1
         else:
             assert r.num_accepted[0] == 0 and r.tokens[0, 0] == 3
+
+
+def test_draft_probs_impossible_draft_is_rejected_even_if_q_is_zero():
+    """A draft with p(d) = 0 is never accepted, also when the draft gave it q(d) = 0 (u * 0 < 0 is
+    false): the token is then a sample of the residual max(0, p - q), here token 2 only."""
+    x = np.log(np.array([[0.5, 0.3, 0.2, 1.0], [0.25, 0.25, 0.25, 0.25]]))[None].astype(
+        np.float32)
+    x[0, 0, 3] = NEG                                # token 3 impossible
+    q = np.array([[[0.5, 0.5, 0.0, 0.0]]])
+    for s in range(20):
+        r = verify_accept(x, np.array([[3]], np.int32), temperature=np.array([1.0]),
+                          seed=np.array([s]), position=np.array([4]), draft_probs=q)
+        _check(r, [0], [[2, -1]])

@@ -227,6 +227,54 @@ def test_greedy_ties_resolve_to_the_lowest_index(impl, dtype):
     np.testing.assert_array_equal(np.asarray(got.tokens), TIE_TOKENS)
 
 
+def _tied_sampling_case(seed=12345, position=77, V=1000):
+    """f32 logits at T = 1 whose Gumbel-max scores x - log(-log(u)) tie exactly in f32, for a
+    pair of indices in the same lane of different 128-lane chunks (and different 128-entry
+    vocabulary tiles), in both rows; every other score is far below. The f32 scores are
+    computed with the same jnp ops both implementations use (the float64 reference sees no tie,
+    so the contract is checked by hand: the lower index of the tied pair)."""
+    from pallas_ops import rng as jrng
+
+    ties = [(5, 5 + 128 * 3), (200, 200 + 128 * 5)]
+    x = np.full((1, len(ties), V), -30.0, np.float32)
+    for j, (lo, hi) in enumerate(ties):
+        key = jrng.row_key(jnp.int32(seed), jnp.int32(position + j))
+        u = jrng.uniform(jrng.bits(key, jnp.arange(V, dtype=jnp.int32)))
+        L = np.asarray(jnp.log(-jnp.log(u)))                    # score = x - L (in f32)
+        x[0, j, lo] = 12.0
+        s_lo = np.float32(x[0, j, lo] - L[lo])
+        cand = np.float32(s_lo + L[hi])
+        for _ in range(16):                                     # nearest x with an exact tie
+            if np.float32(cand - L[hi]) == s_lo:
+                break
+            cand = np.nextafter(cand, np.float32(np.inf if cand - L[hi] < s_lo else -np.inf))
+        assert np.float32(cand - L[hi]) == s_lo
+        x[0, j, hi] = cand
+    kw = dict(temperature=jnp.array([1.0], jnp.float32), seed=jnp.array([seed], jnp.int32),
+              position=jnp.array([position], jnp.int32))
+    return jnp.asarray(x), ties, kw
+
+
+@pytest.mark.parametrize("impl", ["kernel", "kernel-128-tiles", "xla"])
+def test_sampling_ties_resolve_to_the_lowest_index(impl):
+    logits, ties, kw = _tied_sampling_case()
+    drafts = jnp.asarray([[ties[0][0]]], jnp.int32)      # the lower tied index: accepted
+    if impl == "kernel":
+        got = verify_accept(logits, drafts, **kw)
+    elif impl == "kernel-128-tiles":                     # the pair in different grid steps
+        got = verify_accept(logits, drafts, block_sizes=VerifyAcceptBlockSizes(1, 128), **kw)
+    else:
+        got = verify_accept_xla.verify_accept(logits, drafts, **kw)
+        # the tie is exact: one ulp more on the higher index and it wins
+        x = np.asarray(logits).copy()
+        for j, (_, hi) in enumerate(ties):
+            x[0, j, hi] = np.nextafter(x[0, j, hi], np.float32(np.inf))
+        up = verify_accept_xla.verify_accept(jnp.asarray(x), drafts, **kw)
+        np.testing.assert_array_equal(np.asarray(up.tokens), [[ties[0][1], -1]])
+    np.testing.assert_array_equal(np.asarray(got.num_accepted), [1])
+    np.testing.assert_array_equal(np.asarray(got.tokens), [[ties[0][0], ties[1][0]]])
+
+
 def test_sampling_full_vocab():
     """Sampling over 151936 entries: the noise of every tile, including the masked tail."""
     logits, d, kw = make_case(4, 2, 2, 151936, jnp.bfloat16, mode="accept", sampling=True)
@@ -250,6 +298,8 @@ def test_nan_and_all_neg_inf_and_padding():
                 want)
     assert_same(verify_accept(jnp.asarray(logits), jnp.asarray(d), num_seqs=jnp.int32(3),
                               block_sizes=bsz), want)
+    assert_same(verify_accept_xla.verify_accept(jnp.asarray(logits), jnp.asarray(d), num_seqs=3),
+                want)
 
 
 def test_padding_blocks_are_not_read():
@@ -287,6 +337,72 @@ def test_sampling_matches_reference(data):
     jl, jd, jkw = _to_jnp(logits, d, kw, dtype)
     assert_same(verify_accept(jl, jd, block_sizes=bsz, **jkw), want)
     assert_same(verify_accept_xla.verify_accept(jl, jd, **jkw), want)
+
+
+def test_kernel_draft_probs_with_rejections_matches_reference():
+    """The kernel's draft_probs path (online log-sum-exp over three vocabulary tiles whose
+    maximum grows tile by tile, then the accept test and the residual sample) on a batch where
+    drafts are often rejected: equal to the reference token for token."""
+    r = np.random.default_rng(17)
+    B, bs, V = 16, 4, 300
+    x = r.normal(size=(B, bs, V)) + np.linspace(0.0, 4.0, V)   # later tiles hold the max
+    q = r.dirichlet(np.full(V, 0.3), size=(B, bs - 1))
+    d = np.stack([[r.choice(V, p=q[b, j]) for j in range(bs - 1)] for b in range(B)])
+    logits = x.astype(np.float32)
+    kw = dict(temperature=np.full(B, 0.9, np.float32), seed=np.arange(B, dtype=np.int32) + 5,
+              position=np.full(B, 33, np.int32), draft_probs=q.astype(np.float32))
+    want = ref.verify_accept(logits, d.astype(np.int32), **kw)
+    assert (want.num_accepted < bs - 1).sum() >= B // 2 and (want.num_accepted > 0).any()
+    jl, jd, jkw = _to_jnp(logits, d.astype(np.int32), kw, jnp.float32)
+    assert_same(verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(8, 128), **jkw), want)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+def test_draft_probs_invalid_drafts_are_rejected(impl):
+    """Drafts outside [0, V) (-1, V, V + 1, int32 max) with draft_probs: rejected at once and
+    never used as an index; the token is x_0, the sample of p (not a residual sample). q puts
+    most of its mass on p's likely tokens, so a residual sample would differ from x_0."""
+    r = np.random.default_rng(19)
+    B, bs, V = 16, 2, 200
+    x = (r.normal(size=(B, bs, V)) * 2).astype(np.float32)
+    top = np.argsort(x[:, 0], axis=-1)[:, -4:]
+    q = np.full((B, 1, V), 0.2 / (V - 4))
+    np.put_along_axis(q[:, 0], top, 0.2, axis=-1)
+    d = np.array([-1, V, V + 1, 2 ** 31 - 1] * (B // 4), np.int32)[:, None]
+    kw = dict(temperature=np.full(B, 1.0, np.float32), seed=np.arange(B, dtype=np.int32),
+              position=np.full(B, 3, np.int32), draft_probs=q.astype(np.float32))
+    want = ref.verify_accept(x, d, **kw)
+    np.testing.assert_array_equal(want.num_accepted, np.zeros(B))
+    np.testing.assert_array_equal(want.tokens[:, 0], _samples(x.astype(np.float64),
+                                                              kw["temperature"], kw["seed"],
+                                                              kw["position"])[:, 0])
+    jl, jd, jkw = _to_jnp(x, d, kw, jnp.float32)
+    if impl == "kernel":
+        got = verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(8, 128), **jkw)
+    else:
+        got = verify_accept_xla.verify_accept(jl, jd, **jkw)
+    assert_same(got, want)
+
+
+@pytest.mark.parametrize("impl", ["kernel", "xla"])
+def test_draft_probs_zero_probability_draft_is_rejected(impl):
+    """A draft the target gives probability 0 is never accepted, even when the draft gave it
+    probability 0 too (u * q(d) < p(d) is 0 < 0): the residual max(0, p - q) is sampled, here
+    token 2 only. By hand, 16 seeds at once."""
+    n = 16
+    x = np.log(np.array([[0.5, 0.3, 0.2, 1.0], [0.25, 0.25, 0.25, 0.25]], np.float32))
+    x[0, 3] = -np.inf                                       # token 3 impossible
+    q = np.array([[0.5, 0.5, 0.0, 0.0]], np.float32)
+    args = (jnp.asarray(np.broadcast_to(x, (n, 2, 4))), jnp.full((n, 1), 3, jnp.int32))
+    kw = dict(temperature=jnp.ones((n,), jnp.float32), seed=jnp.arange(n, dtype=jnp.int32),
+              position=jnp.full((n,), 4, jnp.int32),
+              draft_probs=jnp.asarray(np.broadcast_to(q, (n, 1, 4))))
+    if impl == "kernel":
+        got = verify_accept(*args, block_sizes=VerifyAcceptBlockSizes(8, 128), **kw)
+    else:
+        got = verify_accept_xla.verify_accept(*args, **kw)
+    np.testing.assert_array_equal(np.asarray(got.num_accepted), np.zeros(n))
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.tile([2, -1], (n, 1)))
 
 
 @pytest.mark.parametrize("probs", [False, True])
