@@ -82,9 +82,9 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
     """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid.
 
     head_align: KV heads per grid step must be a multiple of it or all of them (the interleaved
-    layout: a step's 2 * kv_heads combined heads are whole sublane tiles of the cache, so 8
-    heads for bf16, 4 for f32). When that forbids halving the heads for a megacore chip, an
-    automatic q_tokens is halved instead, so the parallel grid axis still has two entries.
+    layout passes Hkv: a step reads whole pages, every head). When that forbids halving the
+    heads for a megacore chip, an automatic q_tokens is halved instead, so the parallel grid
+    axis still has two entries.
     """
     if block_sizes is None:
         block_sizes = default_block_sizes(chip)
@@ -132,8 +132,7 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
         raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
     if not aligned(kv_heads):
         raise ValueError(f"block_sizes.kv_heads={kv_heads} must be a multiple of {head_align} "
-                         f"(whole sublane tiles of the interleaved cache) or all "
-                         f"{num_kv_heads} KV heads")
+                         f"or all {num_kv_heads} KV heads")
     q_rows = q_tokens * group
     sub_rows = SUB_ROWS if (q_rows > SUB_ROWS and q_rows % SUB_ROWS == 0) else q_rows
     return ResolvedBlockSizes(pages_per_block, pages_per_block * page_size, kv_heads, q_tokens,

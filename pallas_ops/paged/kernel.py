@@ -27,8 +27,9 @@ chunks. Layout of the work:
   page) are zeroed in VMEM before use, so stale or NaN VMEM cannot reach the output.
 - Two cache layouts share this body (`pallas_ops.paged.layout`): `paged_attention`'s K and V
   arrays [Hkv, P, page_size, D] (one DMA per page and array), and jax's interleaved kv_pages
-  [P, page_size, 2 Hkv, D] of `ragged_paged_attention` (one DMA per page; K and V of a head are
-  strided sublane loads of the block). Only the DMAs, the K/V loads and the tail zeroing differ.
+  [P, page_size, 2 Hkv, D] of `ragged_paged_attention` (one DMA per page for every head; K and
+  V of a head are strided loads of the block). Only the DMAs, the K/V loads and the tail
+  zeroing differ (and the interleaved 16-bit block is stored once as 32-bit words first).
 
 The public wrapper (static checks, block sizes) is `pallas_ops.paged.api.paged_attention`.
 `write_kv_pages` (`pallas_ops.paged.write`) is a second kernel: page-wise
@@ -98,12 +99,14 @@ def _interleaved_kernel(
     pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref,  # [W], [W], [NQB]
     # Inputs
     q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
-    kv_hbm,               # [P, page_size, 2 Hkv, D] HBM, K of head h at 2h, V at 2h + 1
+    kv_hbm,               # [P, page_size * 2 Hkv, D] HBM, row = token * 2 Hkv + 2h (K), + 1 (V)
     # Outputs
     o_ref,                # [hb, q_rows, D] VMEM
     # Scratch
-    kv_buf,               # [2, kv_tokens, 2 hb, D] VMEM, double-buffered K/V block
+    kv_buf,               # [2, kv_tokens * 2 Hkv, D] VMEM, double-buffered K/V block (hb = Hkv)
     sems,                 # DMA semaphores [1, 2 (slot)]
+    words_ref,            # [kv_tokens * Hkv, D] uint32 VMEM, 16-bit caches: the block as (K, V)
+                          # words of a head (layout.InterleavedKV); [8, 128] unused for f32
     qs_ref,               # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
     m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
     l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
@@ -114,8 +117,9 @@ def _interleaved_kernel(
     """`ragged_paged_attention`'s layout (jax's): K and V interleaved per head in one array."""
     work = (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
             pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref)
-    _attention_body(work, q_ref, o_ref, InterleavedKV(kv_hbm, kv_buf, sems), qs_ref, m_ref,
-                    l_ref, acc_ref, slot_ref, **config)
+    words = words_ref if kv_buf.dtype.itemsize == 2 else None
+    kv = InterleavedKV(kv_hbm, kv_buf, sems, words, num_kv_heads=q_ref.shape[0])
+    _attention_body(work, q_ref, o_ref, kv, qs_ref, m_ref, l_ref, acc_ref, slot_ref, **config)
 
 
 def _attention_body(
@@ -333,6 +337,7 @@ def _attention_body(
 
         wait_block(w, b, buf_slot)
         sanitize_tail(w, b, buf_slot)
+        kv.prepare(buf_slot)
         compute_block(w, b, buf_slot)
         return w_next, b_next, 1 - buf_slot
 
@@ -379,6 +384,12 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     elif layout == INTERLEAVED:
         total_pages, page_size, combined, _ = kv_pages[0].shape
         hkv = combined // 2
+        if bs.kv_heads != hkv:
+            raise ValueError(f"the interleaved layout takes all {hkv} KV heads per grid step, "
+                             f"got kv_heads={bs.kv_heads}")
+        # [P, page_size, 2 Hkv, D] -> [P, page_size * 2 Hkv, D]: merges two major dims of the
+        # row-major cache (no data moves when 2 Hkv fills whole sublane tiles).
+        kv_pages = (kv_pages[0].reshape(total_pages, page_size * combined, kv_pages[0].shape[3]),)
     else:
         raise ValueError(f"layout must be {SPLIT!r} or {INTERLEAVED!r}, got {layout!r}")
     kv_dtype = kv_pages[0].dtype
@@ -413,7 +424,7 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     tile = pl.BlockSpec((hb, rows, d), tile_index)
     estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
                                    q_dtype=q.dtype, kv_dtype=kv_dtype,
-                                   interleaved=layout == INTERLEAVED)
+                                   words=layout == INTERLEAVED)
     kv_item = jnp.dtype(kv_dtype).itemsize
     max_keys = min(pps * page_size, total_pages * page_size)
     cost = pl.CostEstimate(
@@ -427,8 +438,9 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                       pltpu.VMEM((2, hb, bs.kv_tokens, d), kv_dtype),
                       pltpu.SemaphoreType.DMA((2, 2))]
     else:
-        kv_scratch = [pltpu.VMEM((2, bs.kv_tokens, 2 * hb, d), kv_dtype),
-                      pltpu.SemaphoreType.DMA((1, 2))]
+        words = (bs.kv_tokens * hkv, d) if jnp.dtype(kv_dtype).itemsize == 2 else (8, 128)
+        kv_scratch = [pltpu.VMEM((2, bs.kv_tokens * 2 * hkv, d), kv_dtype),
+                      pltpu.SemaphoreType.DMA((1, 2)), pltpu.VMEM(words, jnp.uint32)]
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((hkv, t_pad * g, d), q.dtype),

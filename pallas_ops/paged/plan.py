@@ -61,17 +61,14 @@ def work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size
 
 
 def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype,
-                        interleaved=False) -> int:
+                        words=False) -> int:
     """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries.
-    interleaved: the KV buffer is [2, kv_tokens, 2 kv_heads, D], its second-minor dim padded to
-    whole sublane tiles (8 rows of 32-bit, 16 of bf16)."""
+    words: the interleaved layout's 32-bit copy of a 16-bit block (`layout.InterleavedKV`)."""
     qi, ki = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
     tiles = 2 * 2 * kv_heads * q_rows * head_dim * qi                # q in + out, double-buffered
-    if interleaved:
-        tile_rows = 8 * (4 // ki)
-        kv = 2 * kv_tokens * _cdiv(2 * kv_heads, tile_rows) * tile_rows * head_dim * ki
-    else:
-        kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki            # K and V, two slots
+    kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki                # K and V, two slots
+    if words and ki == 2:
+        kv += 2 * kv_heads * kv_tokens * head_dim * ki               # one slot's bytes again
     scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
     temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
     return tiles + kv + scratch + temps

@@ -17,27 +17,35 @@ from pallas_ops.chips import CHIPS, current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged.block_sizes import PagedAttentionBlockSizes, default_block_sizes, resolve
 from pallas_ops.paged.kernel import run_paged_attention
-from pallas_ops.paged.layout import INTERLEAVED, sublane_rows
+from pallas_ops.paged.layout import INTERLEAVED
 from pallas_ops.paged.validation import check_ragged_paged_attention_inputs, check_static_ragged
 
 # jax's default mask value (its kernel adds it to masked logits).
 DEFAULT_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# VMEM for the KV block buffers when the block size comes from our table (two slots, and for
+# 16-bit caches the block again as 32-bit words): 12 MiB at 1024 keys of 8 bf16 heads, D = 128.
+KV_BUFFER_BYTES = 24 * 1024 * 1024
 
 
 def ragged_block_sizes(*, num_kv_pages_per_block, num_queries_per_block, page_size, group,
-                       chip) -> PagedAttentionBlockSizes:
+                       chip, kv_row_bytes=0) -> PagedAttentionBlockSizes:
     """jax's block-size arguments as ours (`PagedAttentionBlockSizes`).
 
     - num_kv_pages_per_block (pages per DMA'd compute block) -> kv_tokens = that * page_size;
-      None: the generation's table entry (`pallas_ops.paged.block_sizes.TABLE`).
+      None: the generation's table entry (`pallas_ops.paged.block_sizes.TABLE`), lowered to
+      whole pages within KV_BUFFER_BYTES when a token's K/V rows (`kv_row_bytes`, the VMEM one
+      token of the block takes) are wide.
     - num_queries_per_block -> q_tokens, rounded up to a multiple of 8 / gcd(8, G) (the packed
       q tile's rows, q_tokens * G, fill whole sublanes); None: chosen from the call's shapes.
-    - KV heads per grid step are not a jax argument (jax derives them from the dtypes): ours
-      takes all of them, or half on a megacore chip when that is tile-aligned (`resolve`).
+    - KV heads per grid step are not a jax argument: the interleaved kernel reads whole pages,
+      every head; on a megacore chip with a single q block an automatic q block is halved so
+      both TensorCores get work (`resolve`).
     Each None is filled independently (jax takes both from its table when either is None).
     """
     if num_kv_pages_per_block is None:
         kv_tokens = default_block_sizes(chip).kv_tokens
+        if kv_row_bytes and kv_tokens * kv_row_bytes > KV_BUFFER_BYTES:
+            kv_tokens = max(page_size, KV_BUFFER_BYTES // kv_row_bytes // page_size * page_size)
     else:
         kv_tokens = num_kv_pages_per_block * page_size
     q_tokens = num_queries_per_block
@@ -45,6 +53,13 @@ def ragged_block_sizes(*, num_kv_pages_per_block, num_queries_per_block, page_si
         step = 8 // math.gcd(8, group)
         q_tokens = -(-q_tokens // step) * step
     return PagedAttentionBlockSizes(kv_tokens=kv_tokens, q_tokens=q_tokens)
+
+
+def kv_row_bytes(kv_dtype, num_kv_heads, head_dim) -> int:
+    """VMEM one token of a KV block takes: K and V of every head, two slots (+ the 32-bit words
+    of a 16-bit block)."""
+    item = jnp.dtype(kv_dtype).itemsize
+    return (2 + (item == 2)) * 2 * num_kv_heads * head_dim * item
 
 
 def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -92,10 +107,12 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
     chip = chip if chip is not None else current_chip()
     wanted = ragged_block_sizes(num_kv_pages_per_block=num_kv_pages_per_block,
                                 num_queries_per_block=num_queries_per_block,
-                                page_size=geo.page_size, group=geo.group, chip=chip)
+                                page_size=geo.page_size, group=geo.group, chip=chip,
+                                kv_row_bytes=kv_row_bytes(kv_pages.dtype, geo.num_kv_heads,
+                                                          geo.head_dim))
     bs = resolve(wanted, chip=chip, num_tokens=geo.num_tokens, max_seqs=geo.max_seqs,
                  num_kv_heads=geo.num_kv_heads, group=geo.group, page_size=geo.page_size,
-                 pages_per_seq=geo.pages_per_seq, head_align=sublane_rows(kv_pages.dtype) // 2)
+                 pages_per_seq=geo.pages_per_seq, head_align=geo.num_kv_heads)
     scale = float(sm_scale) * (1.0 if k_scale is None else float(k_scale))
     return run_paged_attention(
         q, (kv_pages,), kv_lens, page_indices, cu_q_lens, num_seqs, layout=INTERLEAVED,
