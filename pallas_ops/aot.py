@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import numpy as np
 from jax.sharding import SingleDeviceSharding
 
 from pallas_ops.chips import CHIPS
@@ -53,13 +54,20 @@ def _place(arg, device):
 
 
 def lower_for_tpu(fn, *args, chip: str = "v5p", static_argnums=(), **kwargs):
-    """`jax.jit(fn).lower(...)` with array specs placed on a `chip` device."""
+    """`jax.jit(fn).lower(...)` with array specs placed on a `chip` device.
+
+    Lowered under an abstract mesh of that device, so lowering-time queries of the chip
+    (Pallas' `get_tpu_info`, e.g. in the lowering of `sign` / floor division, which jax's own
+    TPU kernels use) see the target rather than this host's CPU.
+    """
     device = tpu_device(chip)
     args = jax.tree.map(lambda a: _place(a, device), args,
                         is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
     kwargs = jax.tree.map(lambda a: _place(a, device), kwargs,
                           is_leaf=lambda a: isinstance(a, jax.ShapeDtypeStruct))
-    return jax.jit(fn, static_argnums=static_argnums).lower(*args, **kwargs)
+    mesh = jax.sharding.Mesh(np.array([device]), ("x",))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        return jax.jit(fn, static_argnums=static_argnums).lower(*args, **kwargs)
 
 
 def compile_for_tpu(fn, *args, chip: str = "v5p", static_argnums=(), **kwargs):

@@ -11,6 +11,10 @@ kv_len - q_len + i and sees keys at positions j with j <= that position and, wit
 window w, j > position - w. Head h of q reads KV head h // G (G = Hq // Hkv). Rows past
 cu_q_lens[num_seqs] are zeros. Only the page-table entries a sequence needs are read.
 Written as plain loops over sequences and heads, for clarity rather than speed.
+
+`ragged_paged_attention` is the contract of `pallas_ops.ragged_paged_attention` (jax's signature
+and interleaved layout kv_pages [P, page_size, 2 * Hkv, D], sm_scale default 1.0, k_scale /
+v_scale), through the same loops.
 """
 from __future__ import annotations
 
@@ -62,6 +66,27 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
                 p = np.exp(logits - logits.max())
                 out[q_start + i, h] = (p / p.sum()) @ vh[seen]
     return out
+
+
+def split_interleaved(kv_pages):
+    """jax's layout kv_pages [P, page_size, 2 * Hkv, D] (K of head h at 2h, V at 2h + 1) as two
+    [Hkv, P, page_size, D] arrays (copies; the kernel reads the interleaved array in place)."""
+    kv = np.asarray(kv_pages)
+    return np.transpose(kv[:, :, 0::2], (2, 0, 1, 3)), np.transpose(kv[:, :, 1::2], (2, 0, 1, 3))
+
+
+def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale=1.0, sliding_window=None, soft_cap=None, mask_value=None,
+                           k_scale=None, v_scale=None):
+    """`pallas_ops.ragged_paged_attention`'s contract (jax's signature and layout) in float64:
+    `paged_attention` on the de-interleaved cache, keys scaled by k_scale and values by v_scale.
+    Masked keys get weight 0 (`mask_value` is only accepted: jax's default underflows to 0)."""
+    del mask_value
+    k_pages, v_pages = split_interleaved(kv_pages)
+    k_pages = np.asarray(k_pages, np.float64) * (1.0 if k_scale is None else k_scale)
+    v_pages = np.asarray(v_pages, np.float64) * (1.0 if v_scale is None else v_scale)
+    return paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                           sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
 
 
 def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs):

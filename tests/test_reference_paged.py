@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from reference.paged import paged_attention, write_kv_pages
+from reference.paged import paged_attention, ragged_paged_attention, split_interleaved, write_kv_pages
 
 D = 64
 
@@ -147,3 +147,24 @@ def test_zero_sequences_in_use(num_seqs):
     kv_lens, table, cu = _i32([3], [[0]], [0, 3])
     out = paged_attention(np.ones((3, 1, D)), k, v, kv_lens, table, cu, np.int32(num_seqs))
     assert np.all(out == (1.0 if num_seqs else 0.0))
+
+
+def test_ragged_interleaved_layout_and_scales_by_hand():
+    # jax's layout [P, page_size, 2 * Hkv, D]: K of KV head h at combined head 2h, V at 2h + 1.
+    # Two KV heads, one q head each; one query, two keys. Head 0: logits 0 and ln 3 (after
+    # k_scale = 0.5 on a stored 2 ln 3), weights 1/4, 3/4. Head 1: equal logits, weights 1/2.
+    # sm_scale defaults to 1.0 (jax's default), v_scale = 2 doubles the values.
+    kv = np.full((1, 16, 4, D), np.nan)
+    kv[0, :2] = 0.0
+    kv[0, 1, 0] = _e(0, 2.0 * np.log(3.0))                  # K head 0, key 1
+    kv[0, 0, 1], kv[0, 1, 1] = _e(0, 4.0), _e(1, 8.0)       # V head 0
+    kv[0, 0, 3], kv[0, 1, 3] = _e(2, 1.0), _e(3, 3.0)       # V head 1 (its K stays 0)
+    q = np.stack([_e(0), _e(0)])[None]                      # [T=1, Hq=2, D]
+    kv_lens, table, cu, n = _i32([2], [[0]], [0, 1], [1])
+    out = ragged_paged_attention(q, kv, kv_lens, table, cu, n, k_scale=0.5, v_scale=2.0)
+    np.testing.assert_allclose(out[0, 0], 2.0 * (0.25 * _e(0, 4.0) + 0.75 * _e(1, 8.0)), rtol=1e-12)
+    np.testing.assert_allclose(out[0, 1], 2.0 * (0.5 * _e(2) + 0.5 * _e(3, 3.0)), rtol=1e-12)
+    # The split view is the same cache: K heads from the even combined heads, V from the odd.
+    k, v = split_interleaved(kv)
+    np.testing.assert_array_equal(k[1, 0, 1], kv[0, 1, 2])
+    np.testing.assert_array_equal(v[0, 0, 1], kv[0, 1, 1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 # Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped.
-KERNELS = ("paged", "block", "verify", "peer_jax_paged")
+KERNELS = ("paged", "ragged", "block", "verify", "peer_jax_paged", "peer_jax_ragged")
 
 
 def load_module(kernel: str):

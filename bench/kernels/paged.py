@@ -171,12 +171,12 @@ def write_hbm_bytes(shape) -> int:
     return 2 * 2 * pages * page_bytes + 2 * sum(q_lens) * shape.num_kv_heads * shape.head_dim * it
 
 
-def kernel_steps(shape, chip: str) -> tuple[int, int, int]:
+def kernel_steps(shape, chip: str, bs=None) -> tuple[int, int, int]:
     """(KV-block steps, grid steps, row sub-tile updates) of the whole call, following the
-    kernel's work list."""
+    kernel's work list (bs: its resolved block sizes, default `resolved_block_sizes`)."""
     from pallas_ops.chips import CHIPS
 
-    bs = resolved_block_sizes(shape, chip)
+    bs = bs if bs is not None else resolved_block_sizes(shape, chip)
     q_lens, kv_lens = layout(shape)
     g = shape.num_q_heads // shape.num_kv_heads
     cu = [0]

@@ -2,7 +2,8 @@
 how many bytes and flops it must move and do, and how its output is checked.
 
 On a TPU: every catalogue shape (`bench/shapes.py`) of each kernel, the compiled Pallas kernel
-("pallas"; plus jax's bundled paged attention, "jax-peer", at the decode shapes). Off TPU: the
+("pallas"; plus jax's bundled paged attention, "jax-peer", at the decode shapes, and jax's
+ragged paged attention beside our drop-in `ragged_paged_attention` at every paged shape). Off TPU: the
 tiny shapes below, the Pallas kernel in the TPU interpreter ("pallas-interpret") and its
 plain-jnp twin ("xla"), so the harness runs everywhere while its figures stay CPU figures.
 
@@ -23,6 +24,8 @@ from bench import shapes as S
 from bench.kernels import block as block_mod
 from bench.kernels import paged as paged_mod
 from bench.kernels import peer_jax_paged as peer_mod
+from bench.kernels import peer_jax_ragged as peer_ragged_mod
+from bench.kernels import ragged as ragged_mod
 from bench.kernels import verify as verify_mod
 
 FIGURES_TPU = "tpu"
@@ -91,6 +94,35 @@ def _paged_device_check(shape, args, out):
     import jax
 
     assert_attention_close(out, jax.jit(_paged_xla(shape))(*args))
+
+
+# --- ragged_paged_attention (jax's signature and interleaved cache) -----------------------------
+
+
+def _ragged_xla(shape):
+    """The xla twin on the de-interleaved cache (a copy: fine for a twin), bench's sm_scale."""
+    import jax.numpy as jnp
+
+    from pallas_ops.paged.xla import paged_attention_xla
+
+    def twin(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs):
+        k, v = (jnp.transpose(kv_pages[:, :, i::2], (2, 0, 1, 3)) for i in (0, 1))
+        return paged_attention_xla(q, k, v, kv_lens, page_indices, cu_q_lens, num_seqs,
+                                   sm_scale=shape.head_dim ** -0.5)
+
+    return twin
+
+
+def _ragged_reference(shape, host):
+    from reference import paged
+
+    return paged.ragged_paged_attention(*host, sm_scale=shape.head_dim ** -0.5)
+
+
+def _ragged_device_check(shape, args, out):
+    import jax
+
+    assert_attention_close(out, jax.jit(_ragged_xla(shape))(*args))
 
 
 # --- write_kv_pages --------------------------------------------------------------------------
@@ -259,6 +291,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("paged_attention", paged_mod.shapes, PAGED_TINY, paged_mod.build,
            paged_mod.concrete_args, paged_mod.hbm_bytes, paged_mod.flops, _paged_xla,
            _paged_reference, _paged_compare, _paged_device_check),
+    Kernel("ragged_paged_attention", ragged_mod.shapes, PAGED_TINY, ragged_mod.build,
+           ragged_mod.concrete_args, ragged_mod.hbm_bytes, ragged_mod.flops, _ragged_xla,
+           _ragged_reference, _paged_compare, _ragged_device_check, group_as="paged_attention"),
     Kernel("write_kv_pages", paged_mod.shapes, PAGED_TINY, paged_mod.write_build,
            paged_mod.write_concrete_args, paged_mod.write_hbm_bytes, None, _write_xla,
            _write_reference, _exact, _write_device_check, donate=(0, 1)),
@@ -274,6 +309,9 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in [
     Kernel("peer_jax_paged_attention", peer_mod.shapes, [], peer_mod.build,
            peer_mod.concrete_args, peer_mod.hbm_bytes, paged_mod.flops, None, None, None,
            _peer_device_check, cpu=False, group_as="paged_attention"),
+    Kernel("peer_jax_ragged_paged_attention", peer_ragged_mod.shapes, [], peer_ragged_mod.build,
+           peer_ragged_mod.concrete_args, peer_ragged_mod.hbm_bytes, paged_mod.flops, None, None,
+           None, _ragged_device_check, cpu=False, group_as="paged_attention"),
 ]}
 
 

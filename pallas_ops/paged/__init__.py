@@ -1,7 +1,10 @@
 """Ragged paged causal attention (the target model), and `write_kv_pages`.
 
     api.py          paged_attention: the public wrapper (static checks, block-size choice)
-    kernel.py       the pl.pallas_call and its kernel body
+    ragged.py       ragged_paged_attention: a drop-in for jax's kernel of that name (its
+                    signature and interleaved cache layout), the same kernel
+    kernel.py       the pl.pallas_call and its kernel body (both cache layouts)
+    layout.py       the two cache layouts: how pages are DMA'd and K/V of a head read
     plan.py         the work list (which pages each q block needs) and the VMEM budget
     write.py        write_kv_pages: the page-wise read-modify-write kernel
     xla.py          plain-jnp twins of both (same contract, fast on CPU)
@@ -10,8 +13,13 @@
 """
 from pallas_ops.paged.api import paged_attention
 from pallas_ops.paged.block_sizes import PagedAttentionBlockSizes
-from pallas_ops.paged.validation import check_paged_attention_inputs
+from pallas_ops.paged.ragged import ragged_paged_attention
+from pallas_ops.paged.validation import (
+    check_paged_attention_inputs,
+    check_ragged_paged_attention_inputs,
+)
 from pallas_ops.paged.write import write_kv_pages
 
-__all__ = ["PagedAttentionBlockSizes", "check_paged_attention_inputs", "paged_attention",
+__all__ = ["PagedAttentionBlockSizes", "check_paged_attention_inputs",
+           "check_ragged_paged_attention_inputs", "paged_attention", "ragged_paged_attention",
            "write_kv_pages"]

@@ -14,6 +14,7 @@ from pallas_ops.chips import CHIPS, current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged.block_sizes import resolve
 from pallas_ops.paged.kernel import run_paged_attention
+from pallas_ops.paged.layout import SPLIT
 from pallas_ops.paged.validation import check_paged_attention_inputs, check_static_attention
 
 
@@ -56,8 +57,8 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
                  num_kv_heads=geo.num_kv_heads, group=geo.group, page_size=geo.page_size,
                  pages_per_seq=geo.pages_per_seq)
     scale = 1.0 / math.sqrt(geo.head_dim) if sm_scale is None else float(sm_scale)
-    return run_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                               sm_scale=scale,
-                            soft_cap=None if soft_cap is None else float(soft_cap),
-                            sliding_window=None if sliding_window is None else int(sliding_window),
-                            bs=bs, chip=chip, interpret=resolve_interpret(interpret))
+    return run_paged_attention(q, (k_pages, v_pages), kv_lens, page_indices, cu_q_lens, num_seqs,
+                               layout=SPLIT, sm_scale=scale,
+                               soft_cap=None if soft_cap is None else float(soft_cap),
+                               sliding_window=None if sliding_window is None else int(sliding_window),
+                               bs=bs, chip=chip, interpret=resolve_interpret(interpret))

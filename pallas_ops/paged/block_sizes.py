@@ -78,8 +78,14 @@ def _pow2_ceil(x: int) -> int:
 
 def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, num_tokens: int,
             max_seqs: int, num_kv_heads: int, group: int, page_size: int,
-            pages_per_seq: int) -> ResolvedBlockSizes:
-    """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid."""
+            pages_per_seq: int, head_align: int = 1) -> ResolvedBlockSizes:
+    """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid.
+
+    head_align: KV heads per grid step must be a multiple of it or all of them (the interleaved
+    layout passes Hkv: a step reads whole pages, every head). When that forbids halving the
+    heads for a megacore chip, an automatic q_tokens is halved instead, so the parallel grid
+    axis still has two entries.
+    """
     if block_sizes is None:
         block_sizes = default_block_sizes(chip)
     if not isinstance(block_sizes, PagedAttentionBlockSizes):
@@ -108,15 +114,25 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
 
     # KV heads per grid step: all of them (one DMA per page then moves every head: fewest DMA
     # descriptors per byte), unless that leaves a megacore chip a single grid step.
+    def aligned(h):
+        return h == num_kv_heads or h % head_align == 0
+
     if block_sizes.kv_heads is None:
         single_step = -(-num_tokens // q_tokens) < 2
         kv_heads = num_kv_heads
-        if megacore and single_step and num_kv_heads % 2 == 0:
+        if megacore and single_step and num_kv_heads % 2 == 0 and aligned(num_kv_heads // 2):
             kv_heads = num_kv_heads // 2
+        elif megacore and single_step and block_sizes.q_tokens is None and num_tokens > 1:
+            half = _pow2_ceil(-(-num_tokens // 2))       # two q blocks instead
+            if (half * group) % 8 == 0:
+                q_tokens = half
     else:
         kv_heads = block_sizes.kv_heads
     if num_kv_heads % kv_heads:
         raise ValueError(f"block_sizes.kv_heads={kv_heads} must divide the {num_kv_heads} KV heads")
+    if not aligned(kv_heads):
+        raise ValueError(f"block_sizes.kv_heads={kv_heads} must be a multiple of {head_align} "
+                         f"or all {num_kv_heads} KV heads")
     q_rows = q_tokens * group
     sub_rows = SUB_ROWS if (q_rows > SUB_ROWS and q_rows % SUB_ROWS == 0) else q_rows
     return ResolvedBlockSizes(pages_per_block, pages_per_block * page_size, kv_heads, q_tokens,

@@ -25,6 +25,11 @@ chunks. Layout of the work:
   computes only the sub-tiles holding its rows.
 - V rows that hold no real data in a tail block (pages not DMA'd, rows past kv_len in the last
   page) are zeroed in VMEM before use, so stale or NaN VMEM cannot reach the output.
+- Two cache layouts share this body (`pallas_ops.paged.layout`): `paged_attention`'s K and V
+  arrays [Hkv, P, page_size, D] (one DMA per page and array), and jax's interleaved kv_pages
+  [P, page_size, 2 Hkv, D] of `ragged_paged_attention` (one DMA per page for every head; K and
+  V of a head are strided loads of the block). Only the DMAs, the K/V loads and the tail
+  zeroing differ (and the interleaved 16-bit block is stored once as 32-bit words first).
 
 The public wrapper (static checks, block sizes) is `pallas_ops.paged.api.paged_attention`.
 `write_kv_pages` (`pallas_ops.paged.write`) is a second kernel: page-wise
@@ -42,9 +47,12 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_ops.chips import CHIPS
 from pallas_ops.paged.block_sizes import ResolvedBlockSizes
+from pallas_ops.paged.layout import INTERLEAVED, SPLIT, InterleavedKV, SplitKV
 from pallas_ops.paged.plan import vmem_estimate_bytes, vmem_limit_bytes, work_list
 
 NEG_INF = float("-inf")
+# The pallas_call's name= per layout (the HLO custom call and profiles are named after it).
+CALL_NAMES = {SPLIT: "dflash_paged_attention", INTERLEAVED: "dflash_ragged_paged_attention"}
 
 
 def _cdiv(a, b):
@@ -55,17 +63,11 @@ def _cdiv(a, b):
 # The attention kernel
 # ------------------------------------------------------------------------------------------------
 
-def _attention_kernel(
-    # Prefetch (SMEM)
-    kv_lens_ref,          # [S] int32
-    page_table_ref,       # [S * pages_per_seq] int32 (flattened page table)
-    cu_q_lens_ref,        # [S + 1] int32
-    pair_start_ref,       # [NQB + 1] int32
-    pair_seq_ref,         # [W] int32
-    pair_first_page_ref,  # [W] int32
-    pair_num_pages_ref,   # [W] int32
-    pair_num_blocks_ref,  # [W] int32
-    block_steps_ref,      # [NQB] int32
+def _split_kernel(
+    # Prefetch (SMEM, int32): the batch and the work list (`plan.work_list`)
+    kv_lens_ref, page_table_ref, cu_q_lens_ref,                # [S], [S * pages_per_seq], [S + 1]
+    pair_start_ref, pair_seq_ref, pair_first_page_ref,         # [NQB + 1], [W], [W]
+    pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref,  # [W], [W], [NQB]
     # Inputs
     q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
     k_hbm,                # [Hkv, P, page_size, D] HBM
@@ -81,16 +83,60 @@ def _attention_kernel(
     l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
     acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
     slot_ref,             # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
-    *,
+    **config,
+):
+    """`paged_attention`'s layout: K and V in two arrays."""
+    work = (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
+            pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref)
+    _attention_body(work, q_ref, o_ref, SplitKV(k_hbm, v_hbm, k_buf, v_buf, sems), qs_ref,
+                    m_ref, l_ref, acc_ref, slot_ref, **config)
+
+
+def _interleaved_kernel(
+    # Prefetch (SMEM, int32): the batch and the work list (`plan.work_list`)
+    kv_lens_ref, page_table_ref, cu_q_lens_ref,                # [S], [S * pages_per_seq], [S + 1]
+    pair_start_ref, pair_seq_ref, pair_first_page_ref,         # [NQB + 1], [W], [W]
+    pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref,  # [W], [W], [NQB]
+    # Inputs
+    q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
+    kv_hbm,               # [P, page_size * 2 Hkv, D] HBM, row = token * 2 Hkv + 2h (K), + 1 (V)
+    # Outputs
+    o_ref,                # [hb, q_rows, D] VMEM
+    # Scratch
+    kv_buf,               # [2, kv_tokens * 2 Hkv, D] VMEM, double-buffered K/V block (hb = Hkv)
+    sems,                 # DMA semaphores [1, 2 (slot)]
+    words_ref,            # [kv_tokens * Hkv, D] uint32 VMEM, 16-bit caches: the block as (K, V)
+                          # words of a head (layout.InterleavedKV); [8, 128] unused for f32
+    qs_ref,               # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
+    m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
+    l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
+    acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
+    slot_ref,             # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
+    **config,
+):
+    """`ragged_paged_attention`'s layout (jax's): K and V interleaved per head in one array."""
+    work = (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
+            pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref)
+    words = words_ref if kv_buf.dtype.itemsize == 2 else None
+    kv = InterleavedKV(kv_hbm, kv_buf, sems, words, num_kv_heads=q_ref.shape[0])
+    _attention_body(work, q_ref, o_ref, kv, qs_ref, m_ref, l_ref, acc_ref, slot_ref, **config)
+
+
+def _attention_body(
+    work, q_ref, o_ref, kv: SplitKV | InterleavedKV, qs_ref, m_ref, l_ref, acc_ref, slot_ref, *,
     sm_scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
+    out_scale: float | None,
     group: int,
     page_size: int,
     pages_per_seq: int,
     head_groups: int,
     bs: ResolvedBlockSizes,
 ):
+    """The kernel body of both layouts (`kv`: `pallas_ops.paged.layout`); the module docstring."""
+    (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
+     pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref) = work
     hb, q_rows, head_dim = q_ref.shape
     ppb, kv_tokens = bs.pages_per_block, bs.kv_tokens
     # Grid (core, step): the flat list of (head group, q block) steps is cut into one contiguous
@@ -110,7 +156,7 @@ def _attention_kernel(
     h0, qb = step_of(g)
     h0_next, qb_next = step_of(jnp.minimum(g + 1, num_q_blocks * head_groups - 1))
     next_has_work = (i + 1 < steps_per_core) & (block_steps_ref[qb_next] > 0)
-    cdt = k_buf.dtype
+    cdt = kv.dtype
 
     m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -126,7 +172,7 @@ def _attention_kernel(
         n = jnp.minimum(ppb, pair_num_pages_ref[w] - b * ppb)
         return pair_seq_ref[w], first, n
 
-    total_pages = k_hbm.shape[1]
+    total_pages = kv.total_pages
 
     def page_copies(seq, slot_in_table, j, buf_slot, h0):
         # The clamps change nothing for valid input (pages in use are in range, j < ppb) but let
@@ -135,11 +181,7 @@ def _attention_kernel(
         if not isinstance(j, int):
             j = jnp.clip(j, 0, ppb - 1)
         dst = pl.ds(pl.multiple_of(j * page_size, page_size), page_size)
-        ck = pltpu.make_async_copy(k_hbm.at[pl.ds(h0, hb), page],
-                                   k_buf.at[buf_slot, :, dst], sems.at[0, buf_slot])
-        cv = pltpu.make_async_copy(v_hbm.at[pl.ds(h0, hb), page],
-                                   v_buf.at[buf_slot, :, dst], sems.at[1, buf_slot])
-        return ck, cv
+        return kv.copies(page, dst, buf_slot, h0)
 
     # Page counts below ppb (tail blocks) are handled in power-of-two chunks: every chunk is
     # straight-line code (DMA starts unrolled, one semaphore wait per chunk, one store per
@@ -162,9 +204,8 @@ def _attention_kernel(
         seq, first, n = block_pages(w, b)
 
         def start_page(j):
-            ck, cv = page_copies(seq, first + j, j, buf_slot, h0)
-            ck.start()
-            cv.start()
+            for copy in page_copies(seq, first + j, j, buf_slot, h0):
+                copy.start()
 
         @pl.when(n == ppb)
         def _():  # a full block: unrolled, so the scalar work of consecutive pages overlaps
@@ -177,10 +218,7 @@ def _attention_kernel(
 
     def wait_pages(buf_slot, c):
         """Wait for c pages' bytes of K and of V in buffer slot buf_slot (sizes matter only)."""
-        rows = pl.ds(0, c * page_size)
-        for kv, buf in ((0, k_buf), (1, v_buf)):
-            dst = buf.at[buf_slot, :, rows]
-            pltpu.make_async_copy(dst, dst, sems.at[kv, buf_slot]).wait()
+        kv.wait(buf_slot, pl.ds(0, c * page_size))
 
     def wait_block(w, b, buf_slot):
         _, _, n = block_pages(w, b)
@@ -194,7 +232,8 @@ def _attention_kernel(
             for_chunks(n, lambda off, c: wait_pages(buf_slot, c))
 
     def sanitize_tail(w, b, buf_slot):
-        """Zero V rows without real data: pages not loaded, rows at or past kv_len."""
+        """Zero V rows without real data: pages not loaded, rows at or past kv_len (the
+        interleaved layout zeroes K with them: one store per token row)."""
         seq, first, n = block_pages(w, b)
         valid_end = jnp.minimum(n * page_size, kv_lens_ref[seq] - first * page_size)
 
@@ -206,17 +245,13 @@ def _attention_kernel(
             @pl.when(rem > 0)
             def _():  # the last loaded page, past kv_len
                 rows = pl.ds(pl.multiple_of(part * page_size, page_size), page_size)
-                row = lax.broadcasted_iota(jnp.int32, (page_size, head_dim), 0)
-                for h in range(hb):
-                    v = v_buf[buf_slot, h, rows]
-                    v_buf[buf_slot, h, rows] = jnp.where(row < rem, v, jnp.zeros_like(v))
+                kv.keep_rows(buf_slot, rows, page_size, rem)
 
             start = part + jnp.where(rem > 0, 1, 0)            # pages start .. ppb - 1: zeros
 
             def zero(off, c):
                 rows = pl.ds(pl.multiple_of((start + off) * page_size, page_size), c * page_size)
-                for h in range(hb):
-                    v_buf[buf_slot, h, rows] = jnp.zeros((c * page_size, head_dim), v_buf.dtype)
+                kv.zero_rows(buf_slot, rows, c * page_size)
 
             for_chunks(ppb - start, zero)
 
@@ -238,7 +273,7 @@ def _attention_kernel(
             mask = mask & (diff > off - sliding_window)
 
         for h in range(hb):
-            s = lax.dot_general(qs_ref[h, rows], k_buf[buf_slot, h], (((1,), (1,)), ((), ())),
+            s = lax.dot_general(qs_ref[h, rows], kv.k(buf_slot, h), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)   # [sub_rows, kv_tokens]
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
@@ -251,7 +286,7 @@ def _attention_kernel(
             p = jnp.exp(s - _lanes(m_safe, kv_tokens))
             alpha = jnp.exp(m_prev - m_safe)
             l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-            pv = lax.dot_general(p.astype(cdt), v_buf[buf_slot, h], (((1,), (0,)), ((), ())),
+            pv = lax.dot_general(p.astype(cdt), kv.v(buf_slot, h), (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)  # [sub_rows, D]
             acc_ref[h, rows] = _lanes(alpha, head_dim) * acc_ref[h, rows] + pv
             m_ref[h, rows] = m_new
@@ -302,6 +337,7 @@ def _attention_kernel(
 
         wait_block(w, b, buf_slot)
         sanitize_tail(w, b, buf_slot)
+        kv.prepare(buf_slot)
         compute_block(w, b, buf_slot)
         return w_next, b_next, 1 - buf_slot
 
@@ -316,6 +352,8 @@ def _attention_kernel(
     for h in range(hb):
         l = _lanes(l_ref[h], head_dim)
         out = acc_ref[h] / jnp.where(l > 0.0, l, 1.0)
+        if out_scale is not None:   # ragged_paged_attention's v_scale
+            out = out * out_scale
         o_ref[h] = out.astype(o_ref.dtype)
 
 
@@ -328,12 +366,33 @@ def _lanes(x, n):
     return jnp.broadcast_to(x[:, :1], (x.shape[0], n))
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "soft_cap", "sliding_window", "bs", "chip",
+@functools.partial(jax.jit, static_argnames=("layout", "sm_scale", "soft_cap", "sliding_window",
+                                             "out_scale", "bs", "chip", "vmem_limit",
                                              "interpret"))
-def run_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
-                     soft_cap, sliding_window, bs, chip, interpret):
+def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, layout,
+                        sm_scale, soft_cap, sliding_window, bs, chip, interpret, out_scale=None,
+                        vmem_limit=None):
+    """The pallas_call of both layouts (inputs already checked, block sizes resolved).
+
+    kv_pages: (k_pages, v_pages) [Hkv, P, page_size, D] each for `SPLIT`, (kv_pages,)
+    [P, page_size, 2 Hkv, D] for `INTERLEAVED`. out_scale: multiplies the output (None: 1).
+    vmem_limit: the Mosaic VMEM limit in bytes (None: from the estimate and the chip's budget).
+    """
     t, hq, d = q.shape
-    hkv, total_pages, page_size, _ = k_pages.shape
+    if layout == SPLIT:
+        hkv, total_pages, page_size, _ = kv_pages[0].shape
+    elif layout == INTERLEAVED:
+        total_pages, page_size, combined, _ = kv_pages[0].shape
+        hkv = combined // 2
+        if bs.kv_heads != hkv:
+            raise ValueError(f"the interleaved layout takes all {hkv} KV heads per grid step, "
+                             f"got kv_heads={bs.kv_heads}")
+        # [P, page_size, 2 Hkv, D] -> [P, page_size * 2 Hkv, D]: merges two major dims of the
+        # row-major cache (no data moves when 2 Hkv fills whole sublane tiles).
+        kv_pages = (kv_pages[0].reshape(total_pages, page_size * combined, kv_pages[0].shape[3]),)
+    else:
+        raise ValueError(f"layout must be {SPLIT!r} or {INTERLEAVED!r}, got {layout!r}")
+    kv_dtype = kv_pages[0].dtype
     s_max, pps = page_indices.shape
     g = hq // hkv
     hb, rows = bs.kv_heads, bs.q_rows
@@ -353,36 +412,45 @@ def run_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
                       sliding_window=sliding_window)
     prefetch = (kv_lens, page_indices.reshape(-1), cu_q_lens) + work
 
+    body = _split_kernel if layout == SPLIT else _interleaved_kernel
     kernel = functools.partial(
-        _attention_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
-        group=g, page_size=page_size, pages_per_seq=pps, head_groups=head_groups, bs=bs)
+        body, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        out_scale=out_scale, group=g, page_size=page_size, pages_per_seq=pps,
+        head_groups=head_groups, bs=bs)
     def tile_index(c, i, *_):
         g = c * steps_per_core + i
         return lax.div(g, jnp.int32(nqb)), lax.rem(g, jnp.int32(nqb)), 0
 
     tile = pl.BlockSpec((hb, rows, d), tile_index)
     estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
-                                   q_dtype=q.dtype, kv_dtype=k_pages.dtype)
-    kv_item = jnp.dtype(k_pages.dtype).itemsize
+                                   q_dtype=q.dtype, kv_dtype=kv_dtype,
+                                   words=layout == INTERLEAVED)
+    kv_item = jnp.dtype(kv_dtype).itemsize
     max_keys = min(pps * page_size, total_pages * page_size)
     cost = pl.CostEstimate(
         flops=4 * t * hq * d * max_keys,
         transcendentals=t * hq * max_keys,
         bytes_accessed=2 * q.size * q.dtype.itemsize
         + 2 * min(s_max * pps, total_pages) * hkv * page_size * d * kv_item)
+    hbm = pl.BlockSpec(memory_space=pl.ANY)
+    if layout == SPLIT:
+        kv_scratch = [pltpu.VMEM((2, hb, bs.kv_tokens, d), kv_dtype),
+                      pltpu.VMEM((2, hb, bs.kv_tokens, d), kv_dtype),
+                      pltpu.SemaphoreType.DMA((2, 2))]
+    else:
+        words = (bs.kv_tokens * hkv, d) if jnp.dtype(kv_dtype).itemsize == 2 else (8, 128)
+        kv_scratch = [pltpu.VMEM((2, bs.kv_tokens * 2 * hkv, d), kv_dtype),
+                      pltpu.SemaphoreType.DMA((1, 2)), pltpu.VMEM(words, jnp.uint32)]
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((hkv, t_pad * g, d), q.dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(cores, steps_per_core),
-            in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[tile] + [hbm] * len(kv_pages),
             out_specs=tile,
-            scratch_shapes=[
-                pltpu.VMEM((2, hb, bs.kv_tokens, d), k_pages.dtype),
-                pltpu.VMEM((2, hb, bs.kv_tokens, d), k_pages.dtype),
-                pltpu.SemaphoreType.DMA((2, 2)),
-                pltpu.VMEM((hb, rows, d), k_pages.dtype),
+            scratch_shapes=kv_scratch + [
+                pltpu.VMEM((hb, rows, d), kv_dtype),
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, d), jnp.float32),
@@ -391,14 +459,14 @@ def run_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
         ),
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "arbitrary"),
-            vmem_limit_bytes=vmem_limit_bytes(estimate, chip),
+            vmem_limit_bytes=vmem_limit_bytes(estimate, chip, limit=vmem_limit),
             # Every DMA address is in bounds by construction (page indices and buffer offsets are
             # clamped), so the compiler's per-DMA runtime checks (~14 serial scalar bundles each)
             # only cost issue time.
             disable_bounds_checks=True),
         cost_estimate=cost,
-        name="dflash_paged_attention",
+        name=CALL_NAMES[layout],
         interpret=interpret,
-    )(*prefetch, qp, k_pages, v_pages)
+    )(*prefetch, qp, *kv_pages)
     out = out.reshape(hkv, t_pad, g, d).transpose(1, 0, 2, 3).reshape(t_pad, hq, d)
     return out[:t]

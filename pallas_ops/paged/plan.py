@@ -60,17 +60,29 @@ def work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size
             num_pages.astype(jnp.int32), num_blocks.astype(jnp.int32), steps)
 
 
-def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype) -> int:
-    """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries."""
+def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype,
+                        words=False) -> int:
+    """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries.
+    words: the interleaved layout's 32-bit copy of a 16-bit block (`layout.InterleavedKV`)."""
     qi, ki = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
     tiles = 2 * 2 * kv_heads * q_rows * head_dim * qi                # q in + out, double-buffered
     kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki                # K and V, two slots
+    if words and ki == 2:
+        kv += 2 * kv_heads * kv_tokens * head_dim * ki               # one slot's bytes again
     scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
     temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
     return tiles + kv + scratch + temps
 
 
-def vmem_limit_bytes(estimate: int, chip: str | None) -> int:
+def vmem_limit_bytes(estimate: int, chip: str | None, *, limit: int | None = None) -> int:
+    """The Mosaic VMEM limit: `limit` when given (ValueError if the estimate exceeds it), else
+    twice the estimate, at least 32 MiB, at most 3/4 of the chip's VMEM."""
+    if limit is not None:
+        if estimate > limit:
+            raise ValueError(f"block sizes need ~{estimate / MiB:.1f} MiB of VMEM, over "
+                             f"vmem_limit_bytes={limit} ({limit / MiB:.1f} MiB); raise it or use "
+                             "smaller blocks")
+        return int(limit)
     budget = CHIPS[chip].vmem_bytes if chip is not None else 64 * MiB
     if estimate > budget * 3 // 4:
         raise ValueError(f"block sizes need ~{estimate / MiB:.1f} MiB of VMEM, over 3/4 of the "

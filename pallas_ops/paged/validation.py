@@ -1,11 +1,13 @@
-"""Input validation shared by `paged_attention` / `write_kv_pages` (Pallas and XLA versions).
+"""Input validation shared by `paged_attention` / `write_kv_pages` (Pallas and XLA versions) and
+`ragged_paged_attention` (jax's interleaved layout).
 
 Two layers, as CONTRIBUTING.md asks:
 - `check_static_*`: facts known at trace time (ranks, shapes, dtypes, head grouping, head dim,
   page size, option values). They raise `ValueError` naming the argument before any kernel runs.
 - `check_paged_attention_inputs`: dynamic facts that need the device data (page indices in range
   where used, kv_len >= q_len, kv_len <= capacity, cu_q_lens monotone, num_seqs in range). Runs on
-  the host (NumPy); the wrappers call it when given `validate=True`.
+  the host (NumPy); the wrappers call it when given `validate=True`
+  (`check_ragged_paged_attention_inputs` for the interleaved layout).
 """
 from __future__ import annotations
 
@@ -120,6 +122,82 @@ def check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return PagedGeometry(t, hq, hkv, g, d, p, page_size, s, pps)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+# `ragged_paged_attention`'s mask_value: masked keys get weight exactly 0 there, jax's result
+# when exp(mask_value + logit - row max) underflows in f32, i.e. for any value at most this.
+MAX_MASK_VALUE = -1e4
+
+
+def check_static_ragged(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale,
+                        sliding_window, soft_cap, mask_value, k_scale, v_scale,
+                        num_kv_pages_per_block, num_queries_per_block,
+                        vmem_limit_bytes) -> PagedGeometry:
+    """All trace-time checks of `ragged_paged_attention` (jax's interleaved layout)."""
+    if len(q.shape) != 3:
+        raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
+    if _dtype_name(q) not in SUPPORTED_DTYPES:
+        raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {_dtype_name(q)}")
+    if len(kv_pages.shape) != 4:
+        raise ValueError(f"kv_pages must be [total_pages, page_size, 2 * Hkv, D], got shape "
+                         f"{tuple(kv_pages.shape)}")
+    if _dtype_name(kv_pages) not in SUPPORTED_DTYPES:
+        raise ValueError(f"kv_pages dtype must be one of {SUPPORTED_DTYPES}, got "
+                         f"{_dtype_name(kv_pages)} (quantized caches are not supported)")
+    p, page_size, combined, d = (int(x) for x in kv_pages.shape)
+    if combined < 2 or combined % 2:
+        raise ValueError(f"kv_pages combined heads {combined} must be even (2 * Hkv: K and V "
+                         "interleaved per head)")
+    hkv = combined // 2
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"kv_pages head dim D={d} not supported; supported: {SUPPORTED_HEAD_DIMS}")
+    if not (MIN_PAGE_SIZE <= page_size <= MAX_PAGE_SIZE) or page_size % 16:
+        raise ValueError(f"kv_pages page_size={page_size} not supported: must be a multiple of "
+                         f"16 in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]")
+    if p < 1:
+        raise ValueError("kv_pages must hold at least one page")
+    t, hq, dq = (int(x) for x in q.shape)
+    if dq != d:
+        raise ValueError(f"q head dim {dq} != kv_pages head dim {d}")
+    if hq % hkv:
+        raise ValueError(f"q heads Hq={hq} is not a multiple of kv_pages KV heads Hkv={hkv}")
+    g = hq // hkv
+    if g not in SUPPORTED_GROUPS:
+        raise ValueError(f"q heads per KV head G={g} not supported; supported: {SUPPORTED_GROUPS}")
+    s, pps = check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, t)
+    if not (_is_number(sm_scale) and np.isfinite(sm_scale)):
+        raise ValueError(f"sm_scale must be a finite number, got {sm_scale!r}")
+    if sliding_window is not None and not (
+            isinstance(sliding_window, (int, np.integer)) and not isinstance(sliding_window, bool)
+            and sliding_window > 0):
+        raise ValueError(f"sliding_window={sliding_window!r} must be positive (an int) or None")
+    if soft_cap is not None:
+        if not (_is_number(soft_cap) and np.isfinite(soft_cap)):
+            raise ValueError(f"soft_cap must be a finite number or None, got {soft_cap!r}")
+        if soft_cap == 0.0:
+            raise ValueError(f"soft_cap={soft_cap!r} must not be 0.0")
+    if mask_value is not None and not (_is_number(mask_value) and mask_value <= MAX_MASK_VALUE):
+        raise ValueError(f"mask_value must be None or a number <= {MAX_MASK_VALUE:g} (masked keys "
+                         f"get weight exactly 0), got {mask_value!r}")
+    for name, x in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if x is not None and not (_is_number(x) and np.isfinite(x)):
+            raise ValueError(f"{name} must be a finite number or None, got {x!r}")
+    if num_kv_pages_per_block is not None and not (
+            isinstance(num_kv_pages_per_block, (int, np.integer))
+            and 0 < num_kv_pages_per_block <= pps):
+        raise ValueError(f"num_kv_pages_per_block={num_kv_pages_per_block!r} must be in range "
+                         f"(0, {pps}]")
+    if num_queries_per_block is not None and not (
+            isinstance(num_queries_per_block, (int, np.integer)) and num_queries_per_block > 0):
+        raise ValueError(f"num_queries_per_block={num_queries_per_block!r} must be positive")
+    if vmem_limit_bytes is not None and not (
+            isinstance(vmem_limit_bytes, (int, np.integer)) and vmem_limit_bytes > 0):
+        raise ValueError(f"vmem_limit_bytes={vmem_limit_bytes!r} must be positive")
+    return PagedGeometry(t, hq, hkv, g, d, p, page_size, s, pps)
+
+
 def check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
                        num_seqs) -> PagedGeometry:
     """All trace-time checks of `write_kv_pages`; returns the geometry (Hq = Hkv, G = 1)."""
@@ -145,8 +223,18 @@ def check_paged_attention_inputs(q_or_new_rows, k_pages, kv_lens, page_indices, 
     cu_q_lens[num_seqs] <= T; for each sequence in use: q_len <= kv_len <= pages_per_seq * page_size
     and every page-table entry it needs (slots < ceil(kv_len / page_size)) in [0, P).
     """
-    t = int(q_or_new_rows.shape[0])
-    total_pages, page_size = int(k_pages.shape[1]), int(k_pages.shape[2])
+    _check_dynamic(int(q_or_new_rows.shape[0]), int(k_pages.shape[1]), int(k_pages.shape[2]),
+                   kv_lens, page_indices, cu_q_lens, num_seqs)
+
+
+def check_ragged_paged_attention_inputs(q, kv_pages, kv_lens, page_indices, cu_q_lens,
+                                        num_seqs) -> None:
+    """`check_paged_attention_inputs` for jax's layout, kv_pages [P, page_size, 2 * Hkv, D]."""
+    _check_dynamic(int(q.shape[0]), int(kv_pages.shape[0]), int(kv_pages.shape[1]), kv_lens,
+                   page_indices, cu_q_lens, num_seqs)
+
+
+def _check_dynamic(t, total_pages, page_size, kv_lens, page_indices, cu_q_lens, num_seqs):
     kv_lens = np.asarray(kv_lens)
     page_indices = np.asarray(page_indices)
     cu = np.asarray(cu_q_lens)
