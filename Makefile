@@ -7,6 +7,7 @@
 #   make test PYTHON=3.12              a version, a command on PATH, a path, or '>=3.12'
 # .ci/run runs `make test` at both ends of the supported range.
 #   make bench                         microbenchmarks (pytest-benchmark), see README
+#   make mutants                       the mutation campaign (long; not part of CI)
 PYTHON ?= >=3.11
 JAX ?=
 PY_EXE := $(shell .ci/find-python '$(PYTHON)')
@@ -19,7 +20,7 @@ PY := $(VENV)/bin/python
 JAX_PIN := $(if $(JAX),'jax[tpu]==$(JAX)' 'jaxlib==$(JAX)',)
 STAMP := $(VENV)/.installed-jax-$(if $(JAX),$(JAX),newest)
 
-.PHONY: test demo bench bench-ci install versions clean
+.PHONY: test demo bench bench-ci mutants install versions clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || '$(PY_EXE)' -m venv $(VENV)
@@ -49,6 +50,11 @@ bench-ci: $(STAMP)
 	mkdir -p out
 	$(PY) -m pytest bench/micro -q --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
 	    --benchmark-json=out/bench-micro-cpu.json
+
+# The mutation campaign (tests/mutation.py; not part of CI): plants each curated bug in a copy of
+# the tree, runs the tests that should catch it, prints caught / survived and the caught rate.
+mutants: $(STAMP)
+	$(PY) -m tests.mutation --min-rate 95 $(MUTANTS_ARGS)
 
 clean:
 	rm -rf .venv-* .venv .pytest_cache .hypothesis .benchmarks
