@@ -94,8 +94,10 @@ MUTANTS: list[Mutant] = [
       "V row at kv_len in the last page not zeroed (stale/NaN VMEM reaches p.V)", T_PAGED),
     M("ragged-tail-rows", "pallas_ops/paged/layout.py",
       "jnp.where(row < keep * self.c, kv, jnp.zeros_like(kv))",
-      "jnp.where(row <= keep * self.c, kv, jnp.zeros_like(kv))",
-      "interleaved layout: the token row at kv_len in the last page not zeroed", T_RAGGED),
+      "jnp.where(row < (keep + 1) * self.c, kv, jnp.zeros_like(kv))",
+      "interleaved layout: K and V of the token at kv_len in the last page not zeroed "
+      "(keeping only row keep * c, K of head 0, would be equivalent: masked scores ignore K)",
+      T_RAGGED),
     M("paged-v-past-kv-len", "pallas_ops/paged/kernel.py",
       "valid_end = jnp.minimum(n * page_size, kv_lens_ref[seq] - first * page_size)",
       "valid_end = n * page_size",
