@@ -22,13 +22,10 @@ from jax.experimental.pallas import tpu as pltpu
 
 SPLIT = "split"
 INTERLEAVED = "interleaved"
-LAYOUTS = (SPLIT, INTERLEAVED)
 
 
 class SplitKV:
     """K and V in two arrays, heads leading: the buffers are [2, hb, kv_tokens, D] each."""
-
-    streams = 2   # DMA semaphores per buffer slot: one for K, one for V
 
     def __init__(self, k_hbm, v_hbm, k_buf, v_buf, sems):
         self.k_hbm, self.v_hbm, self.k_buf, self.v_buf, self.sems = k_hbm, v_hbm, k_buf, v_buf, sems
@@ -83,8 +80,6 @@ class InterleavedKV:
     `prepare` stores the block once as 32-bit words (`words`, [kv_tokens * Hkv, D] uint32, row
     = token * Hkv + h), and K / V of head h are the strided word loads, low / high halves.
     """
-
-    streams = 1   # one DMA per page moves K and V
 
     def __init__(self, kv_hbm, kv_buf, sems, words, *, num_kv_heads):
         self.kv_hbm, self.kv_buf, self.sems, self.words = kv_hbm, kv_buf, sems, words
