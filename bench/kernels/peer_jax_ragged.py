@@ -76,25 +76,17 @@ def heads_per_block(shape) -> int:
 
 def build(shape, *, chip: str = "v5p"):
     """(fn, args): fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs) -> [T, Hq, D]."""
-    import jax
-    import jax.numpy as jnp
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-    dt = jnp.dtype(shape.dtype)
-    q_lens, _ = layout(shape)
-    t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
-    hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
-    S = jax.ShapeDtypeStruct
-    args = (S((t, hq, d), dt), S((s * pps, ps, 2 * hkv, d), dt), S((s,), jnp.int32),
-            S((s, pps), jnp.int32), S((s + 1,), jnp.int32), S((1,), jnp.int32))
+    from bench.kernels import ragged as ragged_mod
     from pallas_ops.chips import CHIPS
 
     kv_pages_per_block, queries_per_block = block_sizes(shape, chip)
-    fn = functools.partial(ragged_paged_attention, sm_scale=d ** -0.5,
+    fn = functools.partial(ragged_paged_attention, sm_scale=shape.head_dim ** -0.5,
                            num_kv_pages_per_block=kv_pages_per_block,
                            num_queries_per_block=queries_per_block,
                            vmem_limit_bytes=CHIPS[chip].vmem_bytes * 3 // 4)
-    return fn, args
+    return fn, ragged_mod.specs(shape)
 
 
 def concrete_args(shape, seed: int = 0):

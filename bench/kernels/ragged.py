@@ -43,24 +43,30 @@ def resolved_block_sizes(shape, chip: str):
                    pages_per_seq=shape.pages_per_seq, head_align=shape.num_kv_heads)
 
 
-def build(shape, *, chip: str = "v5p", interpret=False):
-    """(fn, args): fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs), jax's order.
-    interpret: the kernel's `interpret=` (False: compiled; None: the execution policy)."""
+def specs(shape):
+    """jax's argument order and cache layout as `jax.ShapeDtypeStruct`s: q [T, Hq, D], kv_pages
+    [P, page_size, 2 Hkv, D], kv_lens [S], page_indices [S, pps], cu_q_lens [S + 1], num_seqs [1]
+    (shared with bench/kernels/peer_jax_ragged.py)."""
     import jax
     import jax.numpy as jnp
-
-    from pallas_ops import ragged_paged_attention
 
     dt = jnp.dtype(shape.dtype)
     q_lens, _ = layout(shape)
     t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
     hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
     S = jax.ShapeDtypeStruct
-    args = (S((t, hq, d), dt), S((s * pps, ps, 2 * hkv, d), dt), S((s,), jnp.int32),
+    return (S((t, hq, d), dt), S((s * pps, ps, 2 * hkv, d), dt), S((s,), jnp.int32),
             S((s, pps), jnp.int32), S((s + 1,), jnp.int32), S((1,), jnp.int32))
-    fn = functools.partial(ragged_paged_attention, sm_scale=d ** -0.5, chip=chip,
+
+
+def build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args): fn(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs), jax's order.
+    interpret: the kernel's `interpret=` (False: compiled; None: the execution policy)."""
+    from pallas_ops import ragged_paged_attention
+
+    fn = functools.partial(ragged_paged_attention, sm_scale=shape.head_dim ** -0.5, chip=chip,
                            interpret=interpret)
-    return fn, args
+    return fn, specs(shape)
 
 
 def concrete_args(shape, seed: int = 0):
