@@ -25,18 +25,30 @@ def _num(num_seqs) -> int:
     return int(np.asarray(num_seqs).reshape(-1)[0])
 
 
-def gather_sequence_kv(k_pages, v_pages, page_indices, seq, kv_len):
-    """The first kv_len keys/values of sequence `seq`: two float64 [Hkv, kv_len, D] arrays."""
+def gather_sequence_kv(k_pages, v_pages, page_indices, seq, kv_len, k_scales=None,
+                       v_scales=None):
+    """The first kv_len keys/values of sequence `seq`: two float64 [Hkv, kv_len, D] arrays
+    (8-bit pages: stored value * scale, scales [Hkv, P, page_size])."""
     page_size = k_pages.shape[2]
     n_pages = -(-kv_len // page_size)
     pages = [int(p) for p in np.asarray(page_indices)[seq, :n_pages]]
-    k = np.concatenate([np.asarray(k_pages[:, p], np.float64) for p in pages], axis=1)
-    v = np.concatenate([np.asarray(v_pages[:, p], np.float64) for p in pages], axis=1)
+
+    def read(pages_arr, scales, p):
+        x = np.asarray(pages_arr[:, p]).astype(np.float64)
+        if scales is not None:
+            x = x * np.asarray(scales[:, p]).astype(np.float64)[..., None]
+        return x
+
+    k = np.concatenate([read(k_pages, k_scales, p) for p in pages], axis=1)
+    v = np.concatenate([read(v_pages, v_scales, p) for p in pages], axis=1)
     return k[:, :kv_len], v[:, :kv_len]
 
 
 def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                    sm_scale=None, soft_cap=None, sliding_window=None):
+                    sm_scale=None, soft_cap=None, sliding_window=None, k_scales=None,
+                    v_scales=None, sinks=None):
+    """k_scales / v_scales: 8-bit caches' scales [Hkv, P, page_size] (value = stored * scale).
+    sinks: [Hq] logits that join each head's softmax denominator and attend to nothing."""
     q = np.asarray(q, np.float64)
     t_rows, hq, d = q.shape
     hkv = k_pages.shape[0]
@@ -50,7 +62,7 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
         q_len, kv_len = q_end - q_start, int(kv_lens[s])
         if q_len == 0:
             continue
-        k, v = gather_sequence_kv(k_pages, v_pages, page_indices, s, kv_len)
+        k, v = gather_sequence_kv(k_pages, v_pages, page_indices, s, kv_len, k_scales, v_scales)
         q_pos = kv_len - q_len + np.arange(q_len)                       # [q_len]
         k_pos = np.arange(kv_len)                                       # [kv_len]
         mask = k_pos[None, :] <= q_pos[:, None]
@@ -63,8 +75,14 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
                 logits = kh[seen] @ q[q_start + i, h] * scale
                 if soft_cap is not None:
                     logits = soft_cap * np.tanh(logits / soft_cap)
-                p = np.exp(logits - logits.max())
-                out[q_start + i, h] = (p / p.sum()) @ vh[seen]
+                if sinks is None:
+                    p = np.exp(logits - logits.max())
+                    out[q_start + i, h] = (p / p.sum()) @ vh[seen]
+                    continue
+                sink = float(np.asarray(sinks, np.float64)[h])
+                top = max(logits.max(initial=-np.inf), sink)
+                p = np.exp(logits - top)
+                out[q_start + i, h] = (p @ vh[seen]) / (p.sum() + np.exp(sink - top))
     return out
 
 
@@ -89,11 +107,22 @@ def ragged_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_se
                            sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window)
 
 
-def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs):
+def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
+                   k_scales=None, v_scales=None):
     """Returns copies of (k_pages, v_pages) with token i of sequence s written at position
-    kv_lens[s] - q_len_s + i (page page_indices[s, pos // page_size], row pos % page_size)."""
+    kv_lens[s] - q_len_s + i (page page_indices[s, pos // page_size], row pos % page_size).
+    8-bit pages (k_scales / v_scales given): the new rows are quantized per (head, token) with
+    `reference.quant.quantize`; returns (k_pages, v_pages, k_scales, v_scales)."""
     k_out, v_out = np.array(k_pages), np.array(v_pages)
     k_new, v_new = np.asarray(k_new), np.asarray(v_new)
+    quantized = k_scales is not None
+    if quantized:
+        from reference import quant
+        dtype = np.dtype(k_out.dtype).name
+        sdt = np.dtype(np.asarray(k_scales).dtype).name
+        ks_out, vs_out = np.array(k_scales), np.array(v_scales)
+        k_new, k_sc = quant.quantize(np.asarray(k_new, np.float32), dtype, scale_dtype=sdt)
+        v_new, v_sc = quant.quantize(np.asarray(v_new, np.float32), dtype, scale_dtype=sdt)
     page_size = k_out.shape[2]
     kv_lens, cu, table = np.asarray(kv_lens), np.asarray(cu_q_lens), np.asarray(page_indices)
     for s in range(_num(num_seqs)):
@@ -103,4 +132,9 @@ def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_l
             page = int(table[s, pos // page_size])
             k_out[:, page, pos % page_size] = k_new[row]
             v_out[:, page, pos % page_size] = v_new[row]
+            if quantized:
+                ks_out[:, page, pos % page_size] = k_sc[row]
+                vs_out[:, page, pos % page_size] = v_sc[row]
+    if quantized:
+        return k_out, v_out, ks_out, vs_out
     return k_out, v_out

@@ -78,13 +78,15 @@ def _pow2_ceil(x: int) -> int:
 
 def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, num_tokens: int,
             max_seqs: int, num_kv_heads: int, group: int, page_size: int,
-            pages_per_seq: int, head_align: int = 1) -> ResolvedBlockSizes:
+            pages_per_seq: int, head_align: int = 1, page_align: int = 1) -> ResolvedBlockSizes:
     """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid.
 
     head_align: KV heads per grid step must be a multiple of it or all of them (the interleaved
     layout passes Hkv: a step reads whole pages, every head). When that forbids halving the
     heads for a megacore chip, an automatic q_tokens is halved instead, so the parallel grid
     axis still has two entries.
+    page_align: a KV block that is not a sequence's whole page table holds a multiple of it
+    pages (8-bit caches: their scales are DMA'd in whole 128-key lane granules).
     """
     if block_sizes is None:
         block_sizes = default_block_sizes(chip)
@@ -98,6 +100,8 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
 
     # KV block: whole pages, no more than one sequence can use.
     pages_per_block = max(1, block_sizes.kv_tokens // page_size)
+    if pages_per_block < pages_per_seq:
+        pages_per_block = max(page_align, pages_per_block // page_align * page_align)
     pages_per_block = min(pages_per_block, pages_per_seq)
 
     if block_sizes.q_tokens is None:

@@ -47,83 +47,137 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_ops.chips import CHIPS
 from pallas_ops.paged.block_sizes import ResolvedBlockSizes
-from pallas_ops.paged.layout import INTERLEAVED, SPLIT, InterleavedKV, SplitKV
+from pallas_ops.paged.layout import (INTERLEAVED, QUANT_SPLIT, SPLIT, InterleavedKV,
+                                     QuantSplitKV, SplitKV)
 from pallas_ops.paged.plan import vmem_estimate_bytes, vmem_limit_bytes, work_list
 
 NEG_INF = float("-inf")
 # The pallas_call's name= per layout (the HLO custom call and profiles are named after it).
-CALL_NAMES = {SPLIT: "dflash_paged_attention", INTERLEAVED: "dflash_ragged_paged_attention"}
+CALL_NAMES = {SPLIT: "dflash_paged_attention", QUANT_SPLIT: "dflash_paged_attention",
+              INTERLEAVED: "dflash_ragged_paged_attention"}
+
+
+SCALE_LANES = 128   # 8-bit caches: scales move in whole 128-key lane runs (512-byte DMA granules)
 
 
 def _cdiv(a, b):
     return (a + b - 1) // b
 
 
+def _round_up(a, b):
+    return _cdiv(a, b) * b
+
+
+def scale_page_align(page_size: int) -> int:
+    """Pages per 128-key scale granule: KV blocks of an 8-bit cache start on a multiple of it."""
+    return max(1, SCALE_LANES // page_size)
+
+
+def scale_rows(k_scales, v_scales, page_indices, scale_lanes):
+    """[Hkv, P, page_size] scales -> [Hkv, S, L] f32 rows along each sequence's page table (slots
+    clamped into range; L leaves room for a scale_lanes DMA from any page), so the kernel moves a
+    KV block's scales as one contiguous lane run per head (page-sized runs are below the TPU's
+    512-byte DMA granule). An XLA gather of 4 bytes per (head, page-table slot, token)."""
+    hkv, total_pages, page_size = k_scales.shape
+    s_max, pps = page_indices.shape
+    table = jnp.clip(page_indices, 0, total_pages - 1)
+    length = _round_up(pps * page_size + scale_lanes, SCALE_LANES)
+
+    def rows(sc):
+        r = sc[:, table].reshape(hkv, s_max, pps * page_size).astype(jnp.float32)
+        return jnp.pad(r, ((0, 0), (0, 0), (0, length - pps * page_size)))
+
+    return rows(k_scales), rows(v_scales)
+
+
 # ------------------------------------------------------------------------------------------------
 # The attention kernel
 # ------------------------------------------------------------------------------------------------
 
-def _split_kernel(
-    # Prefetch (SMEM, int32): the batch and the work list (`plan.work_list`)
-    kv_lens_ref, page_table_ref, cu_q_lens_ref,                # [S], [S * pages_per_seq], [S + 1]
-    pair_start_ref, pair_seq_ref, pair_first_page_ref,         # [NQB + 1], [W], [W]
-    pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref,  # [W], [W], [NQB]
-    # Inputs
-    q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
-    k_hbm,                # [Hkv, P, page_size, D] HBM
-    v_hbm,                # [Hkv, P, page_size, D] HBM
-    # Outputs
-    o_ref,                # [hb, q_rows, D] VMEM
-    # Scratch
-    k_buf,                # [2, hb, kv_tokens, D] VMEM, double-buffered K block
-    v_buf,                # [2, hb, kv_tokens, D] VMEM, double-buffered V block
-    sems,                 # DMA semaphores [2 (K, V), 2 (slot)]
-    qs_ref,               # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
-    m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
-    l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
-    acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
-    slot_ref,             # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
-    **config,
-):
+_WORK = 9   # scalar-prefetch refs: kv_lens, page_table, cu_q_lens and the work list (6 arrays)
+
+
+def _split_kernel(*refs, has_sinks, **config):
     """`paged_attention`'s layout: K and V in two arrays."""
-    work = (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
-            pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref)
-    _attention_body(work, q_ref, o_ref, SplitKV(k_hbm, v_hbm, k_buf, v_buf, sems), qs_ref,
-                    m_ref, l_ref, acc_ref, slot_ref, **config)
-
-
-def _interleaved_kernel(
+    it = iter(refs)
     # Prefetch (SMEM, int32): the batch and the work list (`plan.work_list`)
-    kv_lens_ref, page_table_ref, cu_q_lens_ref,                # [S], [S * pages_per_seq], [S + 1]
-    pair_start_ref, pair_seq_ref, pair_first_page_ref,         # [NQB + 1], [W], [W]
-    pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref,  # [W], [W], [NQB]
+    work = tuple(next(it) for _ in range(_WORK))   # kv_lens [S], page_table [S * pages_per_seq],
+    # cu_q_lens [S + 1], pair_start [NQB + 1], pair_seq / pair_first_page / pair_num_pages /
+    # pair_num_blocks [W], block_steps [NQB]
     # Inputs
-    q_ref,                # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
-    kv_hbm,               # [P, page_size * 2 Hkv, D] HBM, row = token * 2 Hkv + 2h (K), + 1 (V)
+    q_ref = next(it)          # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
+    sink_ref = next(it) if has_sinks else None   # [hb, q_rows, 128] f32 VMEM, sink logit per row
+    k_hbm = next(it)          # [Hkv, P, page_size, D] HBM
+    v_hbm = next(it)          # [Hkv, P, page_size, D] HBM
     # Outputs
-    o_ref,                # [hb, q_rows, D] VMEM
+    o_ref = next(it)          # [hb, q_rows, D] VMEM
     # Scratch
-    kv_buf,               # [2, kv_tokens * 2 Hkv, D] VMEM, double-buffered K/V block (hb = Hkv)
-    sems,                 # DMA semaphores [1, 2 (slot)]
-    words_ref,            # [kv_tokens * Hkv, D] uint32 VMEM, 16-bit caches: the block as (K, V)
-                          # words of a head (layout.InterleavedKV); [8, 128] unused for f32
-    qs_ref,               # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
-    m_ref,                # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
-    l_ref,                # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
-    acc_ref,              # [hb, q_rows, D] f32 VMEM, running numerator
-    slot_ref,             # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
-    **config,
-):
+    k_buf = next(it)          # [2, hb, kv_tokens, D] VMEM, double-buffered K block
+    v_buf = next(it)          # [2, hb, kv_tokens, D] VMEM, double-buffered V block
+    sems = next(it)           # DMA semaphores [2 (K, V), 2 (slot)]
+    state = tuple(it)         # qs, m, l, acc, slot: see `_attention_body`
+    _attention_body(work, q_ref, sink_ref, o_ref, SplitKV(k_hbm, v_hbm, k_buf, v_buf, sems),
+                    *state, **config)
+
+
+def _quant_split_kernel(*refs, has_sinks, **config):
+    """`paged_attention` over 8-bit pages with per-(KV head, token) scales."""
+    it = iter(refs)
+    # Prefetch (SMEM, int32): as `_split_kernel`
+    work = tuple(next(it) for _ in range(_WORK))
+    # Inputs
+    q_ref = next(it)          # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
+    sink_ref = next(it) if has_sinks else None   # [hb, q_rows, 128] f32 VMEM, sink logit per row
+    k_hbm = next(it)          # [Hkv, P, page_size, D] int8 / fp8 HBM
+    v_hbm = next(it)          # [Hkv, P, page_size, D] int8 / fp8 HBM
+    ks_hbm = next(it)         # [Hkv, S, L] f32 HBM: K scales along each sequence's page table
+    vs_hbm = next(it)         # [Hkv, S, L] f32 HBM: V scales
+    # Outputs
+    o_ref = next(it)          # [hb, q_rows, D] VMEM
+    # Scratch
+    k_buf = next(it)          # [2, hb, kv_tokens, D] int8 / fp8 VMEM, double-buffered K block
+    v_buf = next(it)          # [2, hb, kv_tokens, D] int8 / fp8 VMEM, double-buffered V block
+    sems = next(it)           # DMA semaphores [2 (K, V), 2 (slot)]
+    ks_buf = next(it)         # [2, hb, scale_lanes] f32 VMEM, the block's K scales per head
+    vs_buf = next(it)         # [2, hb, scale_lanes] f32 VMEM, the block's V scales per head
+    ssems = next(it)          # DMA semaphores [2 (K, V scales), 2 (slot)]
+    state = tuple(it)         # qs, m, l, acc, slot: see `_attention_body`
+    qs_ref = state[0]
+    kv = QuantSplitKV(k_hbm, v_hbm, ks_hbm, vs_hbm, k_buf, v_buf, ks_buf, vs_buf, sems, ssems,
+                      compute_dtype=qs_ref.dtype, page_size=config["page_size"])
+    _attention_body(work, q_ref, sink_ref, o_ref, kv, *state, **config)
+
+
+def _interleaved_kernel(*refs, has_sinks, **config):
     """`ragged_paged_attention`'s layout (jax's): K and V interleaved per head in one array."""
-    work = (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
-            pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref)
+    it = iter(refs)
+    # Prefetch (SMEM, int32): as `_split_kernel`
+    work = tuple(next(it) for _ in range(_WORK))
+    # Inputs
+    q_ref = next(it)          # [hb, q_rows, D] VMEM, packed q tile (row = token * G + g)
+    sink_ref = next(it) if has_sinks else None   # [hb, q_rows, 128] f32 VMEM, sink logit per row
+    kv_hbm = next(it)         # [P, page_size * 2 Hkv, D] HBM, row = token * 2 Hkv + 2h (K), + 1 (V)
+    # Outputs
+    o_ref = next(it)          # [hb, q_rows, D] VMEM
+    # Scratch
+    kv_buf = next(it)         # [2, kv_tokens * 2 Hkv, D] VMEM, double-buffered K/V block (hb = Hkv)
+    sems = next(it)           # DMA semaphores [1, 2 (slot)]
+    words_ref = next(it)      # [kv_tokens * Hkv, D] uint32 VMEM, 16-bit caches: the block as (K, V)
+                              # words of a head (layout.InterleavedKV); [8, 128] unused for f32
+    state = tuple(it)         # qs, m, l, acc, slot: see `_attention_body`
     words = words_ref if kv_buf.dtype.itemsize == 2 else None
     kv = InterleavedKV(kv_hbm, kv_buf, sems, words, num_kv_heads=q_ref.shape[0])
-    _attention_body(work, q_ref, o_ref, kv, qs_ref, m_ref, l_ref, acc_ref, slot_ref, **config)
+    _attention_body(work, q_ref, sink_ref, o_ref, kv, *state, **config)
 
 
 def _attention_body(
-    work, q_ref, o_ref, kv: SplitKV | InterleavedKV, qs_ref, m_ref, l_ref, acc_ref, slot_ref, *,
+    work, q_ref, sink_ref, o_ref, kv: SplitKV | QuantSplitKV | InterleavedKV,
+    qs_ref,   # [hb, q_rows, D] VMEM, q * sm_scale in the compute dtype
+    m_ref,    # [hb, q_rows, 128] f32 VMEM, running max (lane-replicated)
+    l_ref,    # [hb, q_rows, 128] f32 VMEM, running sum (lane-replicated)
+    acc_ref,  # [hb, q_rows, D] f32 VMEM, running numerator
+    slot_ref,  # [1] int32 SMEM, KV buffer slot holding the next grid step's first block
+    *,
     sm_scale: float,
     soft_cap: float | None,
     sliding_window: int | None,
@@ -134,7 +188,9 @@ def _attention_body(
     head_groups: int,
     bs: ResolvedBlockSizes,
 ):
-    """The kernel body of both layouts (`kv`: `pallas_ops.paged.layout`); the module docstring."""
+    """The kernel body of every layout (`kv`: `pallas_ops.paged.layout`); the module docstring.
+    sink_ref: None, or a learned logit per q row that joins the softmax denominator and attends
+    to nothing (the running max starts at it, with a running sum of 1)."""
     (kv_lens_ref, page_table_ref, cu_q_lens_ref, pair_start_ref, pair_seq_ref,
      pair_first_page_ref, pair_num_pages_ref, pair_num_blocks_ref, block_steps_ref) = work
     hb, q_rows, head_dim = q_ref.shape
@@ -158,8 +214,12 @@ def _attention_body(
     next_has_work = (i + 1 < steps_per_core) & (block_steps_ref[qb_next] > 0)
     cdt = kv.dtype
 
-    m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
-    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    if sink_ref is None:
+        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
+        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    else:   # exp(sink - m) joins the denominator: m starts at the sink with a running sum of 1
+        m_ref[...] = sink_ref[...]
+        l_ref[...] = jnp.ones(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
     qs_ref[...] = (q_ref[...].astype(jnp.float32) * sm_scale).astype(cdt)
 
@@ -207,6 +267,9 @@ def _attention_body(
             for copy in page_copies(seq, first + j, j, buf_slot, h0):
                 copy.start()
 
+        for copy in kv.block_copies(seq, first, buf_slot, h0):   # per block: 8-bit scales
+            copy.start()
+
         @pl.when(n == ppb)
         def _():  # a full block: unrolled, so the scalar work of consecutive pages overlaps
             for j in range(ppb):
@@ -222,6 +285,7 @@ def _attention_body(
 
     def wait_block(w, b, buf_slot):
         _, _, n = block_pages(w, b)
+        kv.wait_block(buf_slot)
 
         @pl.when(n == ppb)
         def _():  # a full block: one wait per buffer, for all its pages' bytes
@@ -236,6 +300,19 @@ def _attention_body(
         interleaved layout zeroes K with them: one store per token row)."""
         seq, first, n = block_pages(w, b)
         valid_end = jnp.minimum(n * page_size, kv_lens_ref[seq] - first * page_size)
+        if isinstance(kv, QuantSplitKV):
+            # 8-bit blocks: keys outside [begin, valid_end) get V scale 0 (and, in fp8, V 0).
+            # With a sliding window a pair's first page is rounded down to the scale granule,
+            # so its first block may also start left of every query's window.
+            begin = jnp.int32(0)
+            if sliding_window is not None:
+                t_lo = jnp.maximum(cu_q_lens_ref[seq], qb * bs.q_tokens)
+                pos_lo = kv_lens_ref[seq] - cu_q_lens_ref[seq + 1] + t_lo
+                begin = jnp.maximum(pos_lo - sliding_window + 1 - first * page_size, 0)
+
+            @pl.when((valid_end < kv_tokens) | (begin > 0))
+            def _():
+                kv.zero_scales(buf_slot, begin, valid_end)
 
         @pl.when(valid_end < kv_tokens)
         def _():
@@ -275,6 +352,9 @@ def _attention_body(
         for h in range(hb):
             s = lax.dot_general(qs_ref[h, rows], kv.k(buf_slot, h), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32)   # [sub_rows, kv_tokens]
+            k_scale, v_scale = kv.k_scale(buf_slot, h), kv.v_scale(buf_slot, h)
+            if k_scale is not None:   # 8-bit K: one scale per key scales its score column
+                s = s * k_scale
             if soft_cap is not None:
                 s = soft_cap * jnp.tanh(s / soft_cap)
             s = jnp.where(mask, s, NEG_INF)
@@ -286,7 +366,8 @@ def _attention_body(
             p = jnp.exp(s - _lanes(m_safe, kv_tokens))
             alpha = jnp.exp(m_prev - m_safe)
             l_new = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
-            pv = lax.dot_general(p.astype(cdt), kv.v(buf_slot, h), (((1,), (0,)), ((), ())),
+            pv_p = p if v_scale is None else p * v_scale   # 8-bit V: its scale per key scales p
+            pv = lax.dot_general(pv_p.astype(cdt), kv.v(buf_slot, h), (((1,), (0,)), ((), ())),
                                  preferred_element_type=jnp.float32)  # [sub_rows, D]
             acc_ref[h, rows] = _lanes(alpha, head_dim) * acc_ref[h, rows] + pv
             m_ref[h, rows] = m_new
@@ -371,15 +452,17 @@ def _lanes(x, n):
                                              "interpret"))
 def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, layout,
                         sm_scale, soft_cap, sliding_window, bs, chip, interpret, out_scale=None,
-                        vmem_limit=None):
-    """The pallas_call of both layouts (inputs already checked, block sizes resolved).
+                        vmem_limit=None, sinks=None):
+    """The pallas_call of every layout (inputs already checked, block sizes resolved).
 
-    kv_pages: (k_pages, v_pages) [Hkv, P, page_size, D] each for `SPLIT`, (kv_pages,)
-    [P, page_size, 2 Hkv, D] for `INTERLEAVED`. out_scale: multiplies the output (None: 1).
-    vmem_limit: the Mosaic VMEM limit in bytes (None: from the estimate and the chip's budget).
+    kv_pages: (k_pages, v_pages) [Hkv, P, page_size, D] each for `SPLIT`; (k_pages, v_pages,
+    k_scales, v_scales) for `QUANT_SPLIT` (8-bit pages, scales [Hkv, P, page_size] f32/bf16);
+    (kv_pages,) [P, page_size, 2 Hkv, D] for `INTERLEAVED`. out_scale: multiplies the output
+    (None: 1). vmem_limit: the Mosaic VMEM limit in bytes (None: from the estimate and the chip's
+    budget). sinks: None or f32 [Hq], a logit per q head in the softmax denominator.
     """
     t, hq, d = q.shape
-    if layout == SPLIT:
+    if layout in (SPLIT, QUANT_SPLIT):
         hkv, total_pages, page_size, _ = kv_pages[0].shape
     elif layout == INTERLEAVED:
         total_pages, page_size, combined, _ = kv_pages[0].shape
@@ -391,9 +474,15 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         # row-major cache (no data moves when 2 Hkv fills whole sublane tiles).
         kv_pages = (kv_pages[0].reshape(total_pages, page_size * combined, kv_pages[0].shape[3]),)
     else:
-        raise ValueError(f"layout must be {SPLIT!r} or {INTERLEAVED!r}, got {layout!r}")
-    kv_dtype = kv_pages[0].dtype
+        raise ValueError(f"layout must be one of {(SPLIT, QUANT_SPLIT, INTERLEAVED)}, "
+                         f"got {layout!r}")
     s_max, pps = page_indices.shape
+    scale_lanes = _round_up(bs.kv_tokens, SCALE_LANES)
+    if layout == QUANT_SPLIT:
+        kv_pages = tuple(kv_pages[:2]) + scale_rows(kv_pages[2], kv_pages[3], page_indices,
+                                                    scale_lanes)
+    kv_dtype = kv_pages[0].dtype
+    cdt = q.dtype if layout == QUANT_SPLIT else kv_dtype   # dtype of the matmuls
     g = hq // hkv
     hb, rows = bs.kv_heads, bs.q_rows
     head_groups = hkv // hb
@@ -408,13 +497,15 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
     qp = qp.reshape(t_pad, hkv, g, d).transpose(1, 0, 2, 3).reshape(hkv, t_pad * g, d)
 
     work = work_list(kv_lens, cu_q_lens, num_seqs, num_q_blocks=nqb, q_tokens=bs.q_tokens,
-                      page_size=page_size, pages_per_block=bs.pages_per_block,
-                      sliding_window=sliding_window)
+                     page_size=page_size, pages_per_block=bs.pages_per_block,
+                     sliding_window=sliding_window,
+                     page_align=scale_page_align(page_size) if layout == QUANT_SPLIT else 1)
     prefetch = (kv_lens, page_indices.reshape(-1), cu_q_lens) + work
 
-    body = _split_kernel if layout == SPLIT else _interleaved_kernel
+    body = {SPLIT: _split_kernel, QUANT_SPLIT: _quant_split_kernel,
+            INTERLEAVED: _interleaved_kernel}[layout]
     kernel = functools.partial(
-        body, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+        body, has_sinks=sinks is not None, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
         out_scale=out_scale, group=g, page_size=page_size, pages_per_seq=pps,
         head_groups=head_groups, bs=bs)
     def tile_index(c, i, *_):
@@ -422,21 +513,34 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         return lax.div(g, jnp.int32(nqb)), lax.rem(g, jnp.int32(nqb)), 0
 
     tile = pl.BlockSpec((hb, rows, d), tile_index)
+    sink_args, sink_specs = (), []
+    if sinks is not None:
+        # Row r of a tile is q head kv_head * G + r % G (tiles start at whole tokens): the same
+        # [Hkv, q_rows] pattern for every tile of a head group, lane-replicated.
+        pattern = jnp.asarray(sinks, jnp.float32).reshape(hkv, g)[:, jnp.arange(rows) % g]
+        sink_args = (jnp.broadcast_to(pattern[..., None], (hkv, rows, 128)),)
+        sink_specs = [pl.BlockSpec((hb, rows, 128),
+                                   lambda c, i, *_: (tile_index(c, i)[0], 0, 0))]
     estimate = vmem_estimate_bytes(q_rows=rows, kv_tokens=bs.kv_tokens, kv_heads=hb, head_dim=d,
                                    q_dtype=q.dtype, kv_dtype=kv_dtype,
-                                   words=layout == INTERLEAVED)
+                                   words=layout == INTERLEAVED, scales=layout == QUANT_SPLIT)
     kv_item = jnp.dtype(kv_dtype).itemsize
     max_keys = min(pps * page_size, total_pages * page_size)
+    cached_keys = min(s_max * pps, total_pages) * hkv * page_size
     cost = pl.CostEstimate(
         flops=4 * t * hq * d * max_keys,
         transcendentals=t * hq * max_keys,
-        bytes_accessed=2 * q.size * q.dtype.itemsize
-        + 2 * min(s_max * pps, total_pages) * hkv * page_size * d * kv_item)
+        bytes_accessed=2 * q.size * q.dtype.itemsize + 2 * cached_keys * d * kv_item
+        + (2 * cached_keys * 4 if layout == QUANT_SPLIT else 0))
     hbm = pl.BlockSpec(memory_space=pl.ANY)
-    if layout == SPLIT:
+    if layout in (SPLIT, QUANT_SPLIT):
         kv_scratch = [pltpu.VMEM((2, hb, bs.kv_tokens, d), kv_dtype),
                       pltpu.VMEM((2, hb, bs.kv_tokens, d), kv_dtype),
                       pltpu.SemaphoreType.DMA((2, 2))]
+        if layout == QUANT_SPLIT:
+            kv_scratch += [pltpu.VMEM((2, hb, scale_lanes), jnp.float32),
+                           pltpu.VMEM((2, hb, scale_lanes), jnp.float32),
+                           pltpu.SemaphoreType.DMA((2, 2))]
     else:
         words = (bs.kv_tokens * hkv, d) if jnp.dtype(kv_dtype).itemsize == 2 else (8, 128)
         kv_scratch = [pltpu.VMEM((2, bs.kv_tokens * 2 * hkv, d), kv_dtype),
@@ -447,10 +551,10 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
             grid=(cores, steps_per_core),
-            in_specs=[tile] + [hbm] * len(kv_pages),
+            in_specs=[tile] + sink_specs + [hbm] * len(kv_pages),
             out_specs=tile,
             scratch_shapes=kv_scratch + [
-                pltpu.VMEM((hb, rows, d), kv_dtype),
+                pltpu.VMEM((hb, rows, d), cdt),
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, 128), jnp.float32),
                 pltpu.VMEM((hb, rows, d), jnp.float32),
@@ -467,6 +571,6 @@ def run_paged_attention(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         cost_estimate=cost,
         name=CALL_NAMES[layout],
         interpret=interpret,
-    )(*prefetch, qp, *kv_pages)
+    )(*prefetch, qp, *sink_args, *kv_pages)
     out = out.reshape(hkv, t_pad, g, d).transpose(1, 0, 2, 3).reshape(t_pad, hq, d)
     return out[:t]

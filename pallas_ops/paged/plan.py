@@ -17,13 +17,15 @@ def _cdiv(a, b):
 
 
 def work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size,
-              pages_per_block, sliding_window):
+              pages_per_block, sliding_window, page_align=1):
     """Per q block: its (q block, sequence) pairs, and per pair the pages it needs.
 
     Returns int32 arrays:
       pair_start [NQB + 1]: pairs of q block qb are pair_start[qb] : pair_start[qb + 1]
       pair_seq, pair_first_page, pair_num_pages, pair_num_blocks [W] (W = NQB + S)
       block_steps [NQB]: number of (pair, KV block) steps of each q block
+    page_align: a pair's first page is rounded down to a multiple of it (8-bit caches: their KV
+      blocks start on whole 128-key scale granules; only a sliding window starts past page 0).
     """
     s_max = kv_lens.shape[0]
     n = jnp.reshape(num_seqs, (-1,))[0]
@@ -49,7 +51,7 @@ def work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size
         first_key = jnp.zeros_like(pos_lo)
     else:
         first_key = jnp.maximum(pos_lo - sliding_window + 1, 0)
-    first_page = first_key // page_size
+    first_page = first_key // page_size // page_align * page_align
     num_pages = pos_hi // page_size - first_page + 1
     valid = jnp.arange(w_max, dtype=jnp.int32) < pair_start[-1]
     num_pages = jnp.where(valid, num_pages, 0)
@@ -61,9 +63,10 @@ def work_list(kv_lens, cu_q_lens, num_seqs, *, num_q_blocks, q_tokens, page_size
 
 
 def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dtype,
-                        words=False) -> int:
+                        words=False, scales=False) -> int:
     """VMEM used by one grid step: pipelined q/out tiles, KV double buffers, scratch, temporaries.
-    words: the interleaved layout's 32-bit copy of a 16-bit block (`layout.InterleavedKV`)."""
+    words: the interleaved layout's 32-bit copy of a 16-bit block (`layout.InterleavedKV`).
+    scales: an 8-bit cache (scale buffers, and K / V widened to the compute dtype)."""
     qi, ki = jnp.dtype(q_dtype).itemsize, jnp.dtype(kv_dtype).itemsize
     tiles = 2 * 2 * kv_heads * q_rows * head_dim * qi                # q in + out, double-buffered
     kv = 2 * 2 * kv_heads * kv_tokens * head_dim * ki                # K and V, two slots
@@ -71,6 +74,9 @@ def vmem_estimate_bytes(*, q_rows, kv_tokens, kv_heads, head_dim, q_dtype, kv_dt
         kv += 2 * kv_heads * kv_tokens * head_dim * ki               # one slot's bytes again
     scratch = kv_heads * q_rows * (head_dim * ki + 2 * 128 * 4 + head_dim * 4)
     temps = 4 * q_rows * kv_tokens * 4 + 2 * kv_tokens * head_dim * 4  # s, p, mask; V sanitise
+    if scales:
+        kv += 2 * 2 * kv_heads * (-(-kv_tokens // 128) * 128) * 4    # K / V scales, two slots
+        temps += 2 * kv_tokens * head_dim * 4                         # widened K and V
     return tiles + kv + scratch + temps
 
 

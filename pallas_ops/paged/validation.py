@@ -18,6 +18,9 @@ import numpy as np
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 SUPPORTED_GROUPS = (1, 2, 4, 8)
 SUPPORTED_DTYPES = ("bfloat16", "float32")
+QUANTIZED_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")   # pages with per-token scales
+SCALE_DTYPES = ("float32", "bfloat16")
+QUANTIZED_PAGE_SIZES = (16, 32, 64, 128, 256)   # 8-bit caches: whole pages per 128-key granule
 MIN_PAGE_SIZE = 16
 MAX_PAGE_SIZE = 256
 
@@ -54,8 +57,9 @@ def check_static_pages(k_pages, v_pages) -> tuple[int, int, int, int]:
     if tuple(v_pages.shape) != tuple(k_pages.shape):
         raise ValueError(f"v_pages shape {tuple(v_pages.shape)} != k_pages shape "
                          f"{tuple(k_pages.shape)}")
-    if _dtype_name(k_pages) not in SUPPORTED_DTYPES:
-        raise ValueError(f"k_pages dtype must be one of {SUPPORTED_DTYPES}, got {_dtype_name(k_pages)}")
+    if _dtype_name(k_pages) not in SUPPORTED_DTYPES + QUANTIZED_DTYPES:
+        raise ValueError(f"k_pages dtype must be one of {SUPPORTED_DTYPES + QUANTIZED_DTYPES}, "
+                         f"got {_dtype_name(k_pages)}")
     if _dtype_name(v_pages) != _dtype_name(k_pages):
         raise ValueError(f"v_pages dtype {_dtype_name(v_pages)} != k_pages dtype "
                          f"{_dtype_name(k_pages)}")
@@ -69,6 +73,44 @@ def check_static_pages(k_pages, v_pages) -> tuple[int, int, int, int]:
         raise ValueError(f"k_pages must have at least one KV head and one page, got shape "
                          f"{tuple(k_pages.shape)}")
     return hkv, p, page_size, d
+
+
+def check_static_scales(k_pages, k_scales, v_scales) -> bool:
+    """Scales of a quantized cache: required for 8-bit pages ([Hkv, P, page_size], f32 or bf16,
+    both the same dtype), refused for bf16 / f32 pages. Returns True for a quantized cache."""
+    name = _dtype_name(k_pages)
+    if name not in QUANTIZED_DTYPES:
+        for arg, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+            if x is not None:
+                raise ValueError(f"{arg} given for a {name} cache: scales belong to 8-bit caches "
+                                 f"({', '.join(QUANTIZED_DTYPES)})")
+        return False
+    hkv, p, page_size, _ = (int(x) for x in k_pages.shape)
+    for arg, x in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if x is None:
+            raise ValueError(f"{arg} is required for a {name} cache: a scale per (KV head, token), "
+                             f"[Hkv, P, page_size] = {(hkv, p, page_size)}")
+        if tuple(x.shape) != (hkv, p, page_size):
+            raise ValueError(f"{arg} must be [Hkv, P, page_size] = {(hkv, p, page_size)}, got "
+                             f"shape {tuple(x.shape)}")
+        if _dtype_name(x) not in SCALE_DTYPES:
+            raise ValueError(f"{arg} dtype must be one of {SCALE_DTYPES}, got {_dtype_name(x)}")
+    if _dtype_name(k_scales) != _dtype_name(v_scales):
+        raise ValueError(f"v_scales dtype {_dtype_name(v_scales)} != k_scales dtype "
+                         f"{_dtype_name(k_scales)}")
+    if page_size not in QUANTIZED_PAGE_SIZES:
+        raise ValueError(f"k_pages page_size={page_size} not supported for a {name} cache: must "
+                         f"be one of {QUANTIZED_PAGE_SIZES}")
+    return True
+
+
+def check_static_sinks(sinks, num_q_heads) -> None:
+    if sinks is None:
+        return
+    if tuple(sinks.shape) != (num_q_heads,):
+        raise ValueError(f"sinks must be [Hq] = {(num_q_heads,)}, got shape {tuple(sinks.shape)}")
+    if not np.issubdtype(np.dtype(sinks.dtype), np.floating):
+        raise ValueError(f"sinks must be floating point (f32), got {_dtype_name(sinks)}")
 
 
 def check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens) -> tuple[int, int]:
@@ -95,7 +137,8 @@ def check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens
 
 
 def check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                           sm_scale, soft_cap, sliding_window) -> PagedGeometry:
+                           sm_scale, soft_cap, sliding_window, k_scales=None, v_scales=None,
+                           sinks=None) -> PagedGeometry:
     """All trace-time checks of `paged_attention`; returns the geometry."""
     if len(q.shape) != 3:
         raise ValueError(f"q must be [T, Hq, D], got shape {tuple(q.shape)}")
@@ -110,6 +153,8 @@ def check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     g = hq // hkv
     if g not in SUPPORTED_GROUPS:
         raise ValueError(f"q heads per KV head G={g} not supported; supported: {SUPPORTED_GROUPS}")
+    check_static_scales(k_pages, k_scales, v_scales)
+    check_static_sinks(sinks, hq)
     s, pps = check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, t)
     if sm_scale is not None and not (isinstance(sm_scale, (int, float)) and sm_scale > 0):
         raise ValueError(f"sm_scale must be a positive number or None, got {sm_scale!r}")
@@ -199,13 +244,18 @@ def check_static_ragged(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
 
 
 def check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                       num_seqs) -> PagedGeometry:
-    """All trace-time checks of `write_kv_pages`; returns the geometry (Hq = Hkv, G = 1)."""
+                       num_seqs, k_scales=None, v_scales=None) -> PagedGeometry:
+    """All trace-time checks of `write_kv_pages`; returns the geometry (Hq = Hkv, G = 1).
+    8-bit pages take bf16 / f32 new rows (quantized on the way in) and need their scales."""
     hkv, p, page_size, d = check_static_pages(k_pages, v_pages)
+    quantized = check_static_scales(k_pages, k_scales, v_scales)
     for name, x in (("k_new", k_new), ("v_new", v_new)):
         if len(x.shape) != 3 or int(x.shape[1]) != hkv or int(x.shape[2]) != d:
             raise ValueError(f"{name} must be [T, Hkv={hkv}, D={d}], got shape {tuple(x.shape)}")
-        if _dtype_name(x) != _dtype_name(k_pages):
+        if quantized and _dtype_name(x) not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name} dtype must be one of {SUPPORTED_DTYPES} for a "
+                             f"{_dtype_name(k_pages)} cache, got {_dtype_name(x)}")
+        if not quantized and _dtype_name(x) != _dtype_name(k_pages):
             raise ValueError(f"{name} dtype {_dtype_name(x)} != page dtype {_dtype_name(k_pages)}")
     if tuple(v_new.shape) != tuple(k_new.shape):
         raise ValueError(f"v_new shape {tuple(v_new.shape)} != k_new shape {tuple(k_new.shape)}")

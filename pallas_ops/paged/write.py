@@ -24,7 +24,8 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged.validation import check_paged_attention_inputs, check_static_write
-from pallas_ops.paged.xla import row_sequence_info
+from pallas_ops.paged.xla import row_sequence_info, token_slots
+from pallas_ops.quant import is_quantized, quantize
 
 _TOKENS_PER_BLOCK = 128
 
@@ -89,30 +90,54 @@ def _write_kernel(
 
 
 def write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                   validate=False, interpret=None):
+                   k_scales=None, v_scales=None, validate=False, interpret=None):
     """Writes the new tokens' keys/values into their pages, in place.
 
     Args:
       k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32: the caches (aliased to the outputs;
         donate them under jit to update in place).
-      k_new, v_new: [T, Hkv, D], same dtype as the pages.
+      k_new, v_new: [T, Hkv, D], same dtype as the pages (8-bit pages: bf16 / f32 rows).
       kv_lens: int32 [S]: keys per sequence, already counting the new tokens.
       page_indices: int32 [S, pages_per_seq]; cu_q_lens: int32 [S + 1]; num_seqs: int32 scalar
         or [1]: as in `paged_attention`.
+      k_scales, v_scales: [Hkv, P, page_size] f32/bf16, required for 8-bit pages (int8,
+        float8_e4m3fn, float8_e5m2): each new row is quantized per (head, token) by
+        `pallas_ops.quant.quantize` (absmax / qmax, round to nearest, saturate); the kernel
+        writes the 8-bit values, an XLA scatter the scales (page-sized scale runs are below the
+        TPU's 512-byte DMA granule). Donate them too under jit.
       validate: check the dynamic facts on the host first (needs concrete arrays).
       interpret: see `pallas_ops.execution.resolve_interpret`.
     Token i of sequence s is written at position kv_lens[s] - q_len_s + i, i.e. into page
     page_indices[s, pos // page_size], row pos % page_size. Rows past cu_q_lens[num_seqs] are not
     written; every other element of the pages keeps its exact bits.
-    Returns: (k_pages, v_pages), updated.
+    Returns: (k_pages, v_pages), updated; (k_pages, v_pages, k_scales, v_scales) for 8-bit pages.
     """
     if isinstance(num_seqs, int):
         num_seqs = jnp.int32(num_seqs)
-    check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs)
+    check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
+                       k_scales, v_scales)
     if validate:
         check_paged_attention_inputs(k_new, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    return _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                           num_seqs, interpret=resolve_interpret(interpret))
+    interpret = resolve_interpret(interpret)
+    if not is_quantized(k_pages.dtype):
+        return _write_kv_pages(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
+                               num_seqs, interpret=interpret)
+    return _write_quantized(k_pages, v_pages, k_scales, v_scales, k_new, v_new, kv_lens,
+                            page_indices, cu_q_lens, num_seqs, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _write_quantized(k_pages, v_pages, k_scales, v_scales, k_new, v_new, kv_lens, page_indices,
+                     cu_q_lens, num_seqs, *, interpret):
+    kq, ksc = quantize(k_new, k_pages.dtype, scale_dtype=k_scales.dtype)
+    vq, vsc = quantize(v_new, v_pages.dtype, scale_dtype=v_scales.dtype)
+    k_pages, v_pages = _write_kv_pages(k_pages, v_pages, kq, vq, kv_lens, page_indices,
+                                       cu_q_lens, num_seqs, interpret=interpret)
+    page, row = token_slots(kv_lens, page_indices, cu_q_lens, num_seqs, k_new.shape[0],
+                            page_size=k_pages.shape[2], total_pages=k_pages.shape[1])
+    k_scales = k_scales.at[:, page, row].set(ksc.T, mode="drop")
+    v_scales = v_scales.at[:, page, row].set(vsc.T, mode="drop")
+    return k_pages, v_pages, k_scales, v_scales
 
 
 def _runs(dst_page, valid, tb):

@@ -17,6 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_ops.quant import dequantize, is_quantized, quantize
 from pallas_ops.paged.validation import (
     check_paged_attention_inputs,
     check_static_attention,
@@ -48,16 +49,24 @@ def row_sequence_info(cu_q_lens, kv_lens, num_seqs, num_tokens):
     return seq, pos, valid
 
 
-def _attend(q_rows, k_pages, v_pages, pages, p_rows, ok, *, scale, soft_cap, sliding_window):
+def _attend(q_rows, k_pages, v_pages, pages, p_rows, ok, *, scale, soft_cap, sliding_window,
+            k_scales=None, v_scales=None, sinks=None):
     """R q rows [R, Hq, D] of one sequence, at positions p_rows [R] (rows with ok [R] False give
-    zeros), over that sequence's pages [pps]: gathers them once. Returns [R, Hq, D] in q's dtype."""
+    zeros), over that sequence's pages [pps]: gathers them once (8-bit pages: dequantized with
+    their scales). sinks: None or f32 [Hq] logits in the denominator. Returns [R, Hq, D] in q's
+    dtype."""
     r, hq, d = q_rows.shape
     hkv = k_pages.shape[0]
     g = hq // hkv
     length = pages.shape[0] * k_pages.shape[2]
     key_pos = jnp.arange(length, dtype=jnp.int32)
-    k = k_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
-    v = v_pages[:, pages].reshape(hkv, length, d).astype(jnp.float32)
+
+    def gather(pages_arr, scales):
+        x = pages_arr[:, pages]
+        x = x.astype(jnp.float32) if scales is None else dequantize(x, scales[:, pages])
+        return x.reshape(hkv, length, d)
+
+    k, v = gather(k_pages, k_scales), gather(v_pages, v_scales)
     mask = (key_pos[None, :] <= p_rows[:, None]) & ok[:, None]                 # [R, L]
     if sliding_window is not None:
         mask = mask & (key_pos[None, :] > p_rows[:, None] - sliding_window)
@@ -67,9 +76,14 @@ def _attend(q_rows, k_pages, v_pages, pages, p_rows, ok, *, scale, soft_cap, sli
         logits = soft_cap * jnp.tanh(logits / soft_cap)
     logits = jnp.where(mask, logits, -jnp.inf)
     m = jnp.max(logits, axis=-1, keepdims=True)
+    if sinks is not None:
+        sink = jnp.asarray(sinks, jnp.float32).reshape(hkv, g, 1, 1)
+        m = jnp.maximum(m, sink)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     p = jnp.where(mask, jnp.exp(logits - m), 0.0)
     denom = jnp.sum(p, axis=-1, keepdims=True)
+    if sinks is not None:
+        denom = denom + jnp.exp(sink - m)
     v = jnp.where(jnp.any(mask, axis=0)[None, :, None], v, 0.0)     # NaN never meets a zero p
     out = jnp.einsum("hgrl,hld->hgrd", p, v, precision=jax.lax.Precision.HIGHEST)
     out = out / jnp.where(denom > 0, denom, 1.0)
@@ -77,19 +91,21 @@ def _attend(q_rows, k_pages, v_pages, pages, p_rows, ok, *, scale, soft_cap, sli
 
 
 def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                        sm_scale=None, soft_cap=None, sliding_window=None, validate=False,
-                        rows_per_chunk=16):
+                        sm_scale=None, soft_cap=None, sliding_window=None, k_scales=None,
+                        v_scales=None, sinks=None, validate=False, rows_per_chunk=16):
     """Ragged paged causal attention in plain jnp.
 
     Args:
       q: [T, Hq, D] bf16/f32, the new tokens of all sequences concatenated in sequence order.
-      k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32 (same dtype).
+      k_pages, v_pages: [Hkv, P, page_size, D] bf16/f32 (same dtype), or 8-bit (int8,
+        float8_e4m3fn, float8_e5m2) with k_scales / v_scales [Hkv, P, page_size] f32/bf16.
       kv_lens: int32 [S], keys per sequence counting its new tokens.
       page_indices: int32 [S, pages_per_seq], the page table.
       cu_q_lens: int32 [S + 1], sequence s owns q rows cu_q_lens[s]:cu_q_lens[s + 1].
       num_seqs: int32 scalar or [1], sequences in use.
       sm_scale: softmax scale (default 1/sqrt(D)); soft_cap: logits -> c * tanh(logits / c);
       sliding_window: a query at position p sees keys at positions > p - sliding_window.
+      sinks: None or [Hq] f32, a logit per q head that joins the softmax denominator.
       validate: check the dynamic facts on the host first (needs concrete arrays).
       rows_per_chunk: most q rows of one sequence per gather of its pages (speed / memory
         trade-off only; the chunk size is min(rows_per_chunk, T // S), at least 1).
@@ -98,13 +114,18 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
     num_seqs = _as_num_seqs(num_seqs)
     geo = check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                                  sm_scale=sm_scale, soft_cap=soft_cap,
-                                 sliding_window=sliding_window)
+                                 sliding_window=sliding_window, k_scales=k_scales,
+                                 v_scales=v_scales, sinks=sinks)
     if validate:
         check_paged_attention_inputs(q, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     scale = 1.0 / math.sqrt(geo.head_dim) if sm_scale is None else float(sm_scale)
+    q, k_pages, v_pages = jnp.asarray(q), jnp.asarray(k_pages), jnp.asarray(v_pages)
+    k_scales, v_scales, sinks = (None if x is None else jnp.asarray(x)
+                                 for x in (k_scales, v_scales, sinks))
     t_rows, hq, d = q.shape
     ps, pps = geo.page_size, geo.pages_per_seq
-    opts = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window)
+    opts = dict(scale=scale, soft_cap=soft_cap, sliding_window=sliding_window,
+                k_scales=k_scales, v_scales=v_scales, sinks=sinks)
 
     # Page table with every slot a sequence does not need replaced by page 0 (never out of range).
     n = jnp.reshape(num_seqs, (-1,))[0]
@@ -149,31 +170,51 @@ def paged_attention_xla(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, n
                              jnp.zeros_like(q))
 
 
+def token_slots(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens, *, page_size,
+                total_pages):
+    """(page, row) int32 [T] of every new token; rows past cu_q_lens[num_seqs] get page
+    `total_pages` (out of range: a scatter with mode="drop" skips them)."""
+    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    slot = jnp.clip(pos // page_size, 0, page_indices.shape[1] - 1)
+    page = jnp.where(valid, page_indices[seq, slot], total_pages)
+    row = jnp.where(valid, pos % page_size, 0)
+    return page, row
+
+
 def write_kv_pages_xla(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                       num_seqs, *, validate=False):
+                       num_seqs, *, k_scales=None, v_scales=None, validate=False):
     """Writes the new tokens' keys/values into their pages (plain jnp scatter).
 
     Args:
       k_pages, v_pages: [Hkv, P, page_size, D]; k_new, v_new: [T, Hkv, D] (same dtype).
       kv_lens, page_indices, cu_q_lens, num_seqs: as in `paged_attention_xla`.
+      k_scales, v_scales: [Hkv, P, page_size], required for 8-bit pages: the new rows are
+        quantized (`pallas_ops.quant.quantize`) and values and scales written.
     Token i of sequence s goes to position kv_lens[s] - q_len_s + i, i.e. page
     page_indices[s, pos // page_size], row pos % page_size. Rows past cu_q_lens[num_seqs] are not
-    written. Returns the updated (k_pages, v_pages); donate the inputs to update in place under jit.
+    written. Returns the updated (k_pages, v_pages) (8-bit pages: and k_scales, v_scales); donate
+    the inputs to update in place under jit.
     """
     num_seqs = _as_num_seqs(num_seqs)
     geo = check_static_write(k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                             num_seqs)
+                             num_seqs, k_scales, v_scales)
     if validate:
         check_paged_attention_inputs(k_new, k_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
-    ps = geo.page_size
-    seq, pos, valid = row_sequence_info(cu_q_lens, kv_lens, num_seqs, geo.num_tokens)
-    slot = jnp.clip(pos // ps, 0, geo.pages_per_seq - 1)
-    page = page_indices[seq, slot]
-    page = jnp.where(valid, page, geo.total_pages)       # out of range: dropped
-    row = jnp.where(valid, pos % ps, 0)
+    page, row = token_slots(kv_lens, page_indices, cu_q_lens, num_seqs, geo.num_tokens,
+                            page_size=geo.page_size, total_pages=geo.total_pages)
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
+    quantized = is_quantized(k_pages.dtype)
+    if quantized:
+        k_scales, v_scales = jnp.asarray(k_scales), jnp.asarray(v_scales)
+    if quantized:
+        k_new, ks_new = quantize(k_new, k_pages.dtype, scale_dtype=k_scales.dtype)
+        v_new, vs_new = quantize(v_new, v_pages.dtype, scale_dtype=v_scales.dtype)
     k_out = k_pages.at[:, page, row].set(jnp.swapaxes(k_new, 0, 1), mode="drop")
     v_out = v_pages.at[:, page, row].set(jnp.swapaxes(v_new, 0, 1), mode="drop")
-    return k_out, v_out
+    if not quantized:
+        return k_out, v_out
+    return (k_out, v_out, k_scales.at[:, page, row].set(ks_new.T, mode="drop"),
+            v_scales.at[:, page, row].set(vs_new.T, mode="drop"))
 
 
 # The contract's names, for callers that pick a backend module (`paged_attention_xla` or the
