@@ -24,6 +24,7 @@ class PagedAttentionShape:
     page_size: int = 16
     dtype: str = "bfloat16"
     mixed: bool = False   # True: a ragged batch (decode + verify + prefill chunk), see below
+    cache_dtype: str | None = None   # an 8-bit KV cache (int8, float8_e4m3fn) with f32 scales
 
     @property
     def pages_per_seq(self) -> int:
@@ -65,6 +66,13 @@ def _paged() -> list[PagedAttentionShape]:
     # Mixed: 8 sequences at 4k context, 4 decoding, 3 verifying 16-token blocks, 1 prefill chunk
     # of 256 tokens. q_len/kv_len give the largest member; the builder lays out the batch.
     out.append(PagedAttentionShape("mixed-b8-ctx4096-p16", 8, 256, 4096, mixed=True))
+    # 8-bit caches (per-(head, token) f32 scales), q and output bf16
+    for cache, tag in (("int8", "int8"), ("float8_e4m3fn", "fp8")):
+        for page_size in (16, 64):
+            out.append(PagedAttentionShape(f"decode-b64-ctx4096-p{page_size}-{tag}", 64, 1, 4096,
+                                           page_size=page_size, cache_dtype=cache))
+            out.append(PagedAttentionShape(f"verify16-b8-ctx4096-p{page_size}-{tag}", 8, 16,
+                                           4096, page_size=page_size, cache_dtype=cache))
     return out
 
 

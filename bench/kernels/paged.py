@@ -37,7 +37,15 @@ def find(name: str):
 
 
 def _itemsize(dtype: str) -> int:
-    return {"bfloat16": 2, "float32": 4}[dtype]
+    return {"bfloat16": 2, "float32": 4, "int8": 1, "float8_e4m3fn": 1, "float8_e5m2": 1}[dtype]
+
+
+def _kv_bytes_per_key(shape) -> int:
+    """HBM bytes of one key of one KV head, K or V: the value row, plus its f32 scale for an
+    8-bit cache."""
+    if shape.cache_dtype is None:
+        return shape.head_dim * _itemsize(shape.dtype)
+    return shape.head_dim * _itemsize(shape.cache_dtype) + 4
 
 
 def layout(shape) -> tuple[list[int], list[int]]:
@@ -68,14 +76,18 @@ def resolved_block_sizes(shape, chip: str):
     from pallas_ops.paged.block_sizes import resolve
 
     q_lens, _ = layout(shape)
+    from pallas_ops.paged.kernel import scale_page_align
+
+    align = scale_page_align(shape.page_size) if shape.cache_dtype else 1
     return resolve(block_sizes(), chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,
                    num_kv_heads=shape.num_kv_heads,
                    group=shape.num_q_heads // shape.num_kv_heads, page_size=shape.page_size,
-                   pages_per_seq=shape.pages_per_seq)
+                   pages_per_seq=shape.pages_per_seq, page_align=align)
 
 
 def build(shape, *, chip: str = "v5p", interpret=False):
-    """(fn, args): fn(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs).
+    """(fn, args): fn(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs[, k_scales,
+    v_scales]) (the scales for an 8-bit `cache_dtype`, [Hkv, P, page_size] f32).
     interpret: the kernel's `interpret=` (False: compiled; None: the execution policy)."""
     import jax
     import jax.numpy as jnp
@@ -87,11 +99,20 @@ def build(shape, *, chip: str = "v5p", interpret=False):
     t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
     hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
     S = jax.ShapeDtypeStruct
-    args = (S((t, hq, d), dt), S((hkv, s * pps, ps, d), dt), S((hkv, s * pps, ps, d), dt),
+    kvt = jnp.dtype(shape.cache_dtype) if shape.cache_dtype else dt
+    args = (S((t, hq, d), dt), S((hkv, s * pps, ps, d), kvt), S((hkv, s * pps, ps, d), kvt),
             S((s,), jnp.int32), S((s, pps), jnp.int32), S((s + 1,), jnp.int32),
             S((1,), jnp.int32))
     fn = functools.partial(paged_attention, interpret=interpret, chip=chip,
                            block_sizes=block_sizes())
+    if shape.cache_dtype:
+        scales = S((hkv, s * pps, ps), jnp.float32)
+        plain = fn
+
+        def fn(*a):
+            return plain(*a[:7], k_scales=a[7], v_scales=a[8])
+
+        args = args + (scales, scales)
     return fn, args
 
 
@@ -104,22 +125,39 @@ def concrete_args(shape, seed: int = 0):
     _, specs = build(shape)
     q_lens, kv_lens = layout(shape)
     key = jax.random.key(seed)
-    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype)
+    q, k, v = (jax.random.normal(jax.random.fold_in(key, i), s.shape, jnp.float32)
                for i, s in enumerate(specs[:3]))
+    extra = ()
+    if shape.cache_dtype:
+        from pallas_ops.quant import quantize
+        (k, ks), (v, vs) = (quantize(x, specs[1].dtype) for x in (k, v))
+        extra = (ks, vs)
+    q, k, v = q.astype(specs[0].dtype), k.astype(specs[1].dtype), v.astype(specs[2].dtype)
     table = jnp.arange(np.prod(specs[4].shape), dtype=jnp.int32).reshape(specs[4].shape)
     cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
     return (q, k, v, jnp.asarray(kv_lens, jnp.int32), table, cu,
-            jnp.asarray([shape.num_seqs], jnp.int32))
+            jnp.asarray([shape.num_seqs], jnp.int32)) + extra
 
 
 def hbm_bytes(shape) -> int:
-    """Bytes that must move: each sequence's pages of K and V once, q in, output out."""
+    """Bytes that must move: each sequence's pages of K and V once (8-bit caches: values and their
+    f32 scales), q in, output out. (An 8-bit cache's scales are also gathered along the page
+    table by XLA before the kernel: not counted here, see `scale_gather_bytes`.)"""
     it = _itemsize(shape.dtype)
     q_lens, kv_lens = layout(shape)
     pages = sum(-(-kv // shape.page_size) for kv in kv_lens)
-    kv = 2 * pages * shape.page_size * shape.num_kv_heads * shape.head_dim * it
+    kv = 2 * pages * shape.page_size * shape.num_kv_heads * _kv_bytes_per_key(shape)
     qo = 2 * sum(q_lens) * shape.num_q_heads * shape.head_dim * it
     return kv + qo
+
+
+def scale_gather_bytes(shape) -> int:
+    """8-bit caches: HBM bytes of the XLA gather that lays the scales out along each sequence's
+    page table (read and write, K and V, every page-table slot); 0 for bf16 caches."""
+    if not shape.cache_dtype:
+        return 0
+    slots = shape.num_seqs * shape.pages_per_seq * shape.page_size * shape.num_kv_heads
+    return 2 * 2 * slots * 4
 
 
 def flops(shape) -> int:
@@ -145,19 +183,25 @@ def write_build(shape, *, chip: str = "v5p", interpret=False):
     t = specs[0].shape[0]
     new = jax.ShapeDtypeStruct((t, shape.num_kv_heads, shape.head_dim), specs[0].dtype)
     args = (specs[1], specs[2], new, new) + specs[3:]
-    return functools.partial(write_kv_pages, interpret=interpret), args
+    fn = functools.partial(write_kv_pages, interpret=interpret)
+    if shape.cache_dtype:   # 8-bit pages: fn(..., num_seqs, k_scales, v_scales), 4 results
+        plain = fn
+
+        def fn(*a):
+            return plain(*a[:8], k_scales=a[8], v_scales=a[9])
+    return fn, args
 
 
 def write_concrete_args(shape, seed: int = 0):
     """Arrays for `write_build`'s fn: random pages and new rows, the attention's lengths/table."""
     import jax
 
-    q, k, v, kv_lens, table, cu, num_seqs = concrete_args(shape, seed)
+    q, k, v, kv_lens, table, cu, num_seqs, *scales = concrete_args(shape, seed)
     _, specs = write_build(shape)
     key = jax.random.fold_in(jax.random.key(seed), 100)
     k_new, v_new = (jax.random.normal(jax.random.fold_in(key, i), specs[2].shape, specs[2].dtype)
                     for i in range(2))
-    return (k, v, k_new, v_new, kv_lens, table, cu, num_seqs)
+    return (k, v, k_new, v_new, kv_lens, table, cu, num_seqs, *scales)
 
 
 def write_hbm_bytes(shape) -> int:
@@ -167,8 +211,11 @@ def write_hbm_bytes(shape) -> int:
     q_lens, kv_lens = layout(shape)
     ps = shape.page_size
     pages = sum((kv - 1) // ps - (kv - q) // ps + 1 for q, kv in zip(q_lens, kv_lens) if q)
-    page_bytes = shape.num_kv_heads * ps * shape.head_dim * it
-    return 2 * 2 * pages * page_bytes + 2 * sum(q_lens) * shape.num_kv_heads * shape.head_dim * it
+    page_bytes = shape.num_kv_heads * ps * shape.head_dim * (
+        _itemsize(shape.cache_dtype) if shape.cache_dtype else it)
+    scales = 2 * 2 * sum(q_lens) * shape.num_kv_heads * 4 if shape.cache_dtype else 0
+    return (2 * 2 * pages * page_bytes + 2 * sum(q_lens) * shape.num_kv_heads * shape.head_dim * it
+            + scales)
 
 
 def kernel_steps(shape, chip: str, bs=None) -> tuple[int, int, int]:
@@ -218,14 +265,18 @@ def main_loop(shape, *, chip: str = "v5p"):
     chunks = [1 << k for k in range(max(1, ppb - 1).bit_length())]
     skipped = 1 + sum(c >= 8 for c in chunks) + 2 + len(chunks)
     inner_trips = ()
+    if shape.cache_dtype:
+        # 8-bit blocks: no per-page V zeroing, the block's scale / V sanitising instead (tail
+        # and window blocks), and, from 32 pages per block, a branch around the tail's empty
+        # remainder (seen with --loops on v5e / v5p / v6e at pages of 16 and 64).
+        skipped = 1 + sum(c >= 8 for c in chunks) + 1 + (ppb >= 32)
     taken = (False, False) + (True,) * skipped
     if bs.sub_rows < bs.q_rows:
         inner_trips = (max(1, round(subtiles / iterations)),)
         taken += (False,)
     return MainLoop(
         call_name=CALL_NAME,
-        bytes_per_iteration=2 * bs.kv_heads * bs.kv_tokens * shape.head_dim
-        * _itemsize(shape.dtype),
+        bytes_per_iteration=2 * bs.kv_heads * bs.kv_tokens * _kv_bytes_per_key(shape),
         iterations=iterations,
         cores=CHIPS[chip].tensorcores if grid_steps > 1 else 1,
         outer_iterations=grid_steps,
