@@ -68,7 +68,7 @@ def _paged() -> list[PagedAttentionShape]:
     out.append(PagedAttentionShape("mixed-b8-ctx4096-p16", 8, 256, 4096, mixed=True))
     # 8-bit caches (per-(head, token) f32 scales), q and output bf16
     for cache, tag in (("int8", "int8"), ("float8_e4m3fn", "fp8")):
-        for page_size in (16, 64):
+        for page_size in (16, 32, 64):
             out.append(PagedAttentionShape(f"decode-b64-ctx4096-p{page_size}-{tag}", 64, 1, 4096,
                                            page_size=page_size, cache_dtype=cache))
             out.append(PagedAttentionShape(f"verify16-b8-ctx4096-p{page_size}-{tag}", 8, 16,

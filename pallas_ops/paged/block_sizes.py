@@ -58,6 +58,18 @@ TABLE: dict[str, PagedAttentionBlockSizes] = {
     "v6e": PagedAttentionBlockSizes(kv_tokens=1024),
 }
 FALLBACK = PagedAttentionBlockSizes(kv_tokens=512)
+# 8-bit caches (int8 / fp8 pages with per-token scales): widening K and V in VMEM makes a KV block
+# VALU-bound, so larger blocks amortise the per-block work. v5p, int8, bundles / HBM cycles
+# (`python -m bench static --kernel paged --shape decode-b64-ctx4096-p64-int8`, libtpu 0.0.50.1):
+#   1024 keys: decode-b64-4k-p64 1.25, verify16-b8-4k-p64 1.63; 2048: 1.07 / 1.43; 4096: 1.03 /
+#   1.35 (one block per 4k sequence: no better per byte). v6e 2048: 1.05 / 1.38; v5e 2048: 0.70
+#   (HBM-bound) / 1.09.
+QUANTIZED_TABLE: dict[str, PagedAttentionBlockSizes] = {
+    "v5e": PagedAttentionBlockSizes(kv_tokens=2048),
+    "v5p": PagedAttentionBlockSizes(kv_tokens=2048),
+    "v6e": PagedAttentionBlockSizes(kv_tokens=2048),
+}
+QUANTIZED_FALLBACK = PagedAttentionBlockSizes(kv_tokens=2048)
 
 # Upper bound on the rows of the packed q tile (q_tokens * G) when q_tokens is chosen here.
 MAX_Q_ROWS = 256
@@ -66,10 +78,13 @@ MAX_Q_ROWS = 256
 SUB_ROWS = 64
 
 
-def default_block_sizes(chip: str | None = None) -> PagedAttentionBlockSizes:
-    """The table entry for `chip` (default: the current TPU generation), else the fallback."""
+def default_block_sizes(chip: str | None = None, *, quantized: bool = False
+                        ) -> PagedAttentionBlockSizes:
+    """The table entry for `chip` (default: the current TPU generation), else the fallback;
+    quantized: the table of 8-bit caches."""
     chip = chip if chip is not None else current_chip()
-    return TABLE.get(chip, FALLBACK) if chip is not None else FALLBACK
+    table, fallback = (QUANTIZED_TABLE, QUANTIZED_FALLBACK) if quantized else (TABLE, FALLBACK)
+    return table.get(chip, fallback) if chip is not None else fallback
 
 
 def _pow2_ceil(x: int) -> int:
@@ -78,7 +93,8 @@ def _pow2_ceil(x: int) -> int:
 
 def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, num_tokens: int,
             max_seqs: int, num_kv_heads: int, group: int, page_size: int,
-            pages_per_seq: int, head_align: int = 1, page_align: int = 1) -> ResolvedBlockSizes:
+            pages_per_seq: int, head_align: int = 1, page_align: int = 1,
+            quantized: bool = False) -> ResolvedBlockSizes:
     """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid.
 
     head_align: KV heads per grid step must be a multiple of it or all of them (the interleaved
@@ -87,9 +103,10 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
     axis still has two entries.
     page_align: a KV block that is not a sequence's whole page table holds a multiple of it
     pages (8-bit caches: their scales are DMA'd in whole 128-key lane granules).
+    quantized: an 8-bit cache (its own default table).
     """
     if block_sizes is None:
-        block_sizes = default_block_sizes(chip)
+        block_sizes = default_block_sizes(chip, quantized=quantized)
     if not isinstance(block_sizes, PagedAttentionBlockSizes):
         raise ValueError(f"block_sizes must be a PagedAttentionBlockSizes or None, got "
                          f"{type(block_sizes).__name__}")
