@@ -145,10 +145,15 @@ def append_scales(scales, new, ctx_lens, n_new):
 
     One dynamic_update_slice of an n_max-token window per sequence (old values kept outside the
     new rows), in place on a donated array. Not a scatter: XLA's TPU scatter stages the whole
-    [B, Hkv, S_max] operand through VMEM (read and written in full on every call)."""
+    [B, Hkv, S_max] operand through VMEM (read and written in full on every call). On the raw
+    bits: XLA:CPU (jax 0.10) computes bf16 selects in f32, which rewrites NaN payloads."""
     B, Hkv, S_max = scales.shape
     n_max = new.shape[1]
     r = jnp.arange(n_max, dtype=jnp.int32)
+    dtype = scales.dtype
+    bits = {2: jnp.uint16, 4: jnp.uint32}[jnp.dtype(dtype).itemsize]
+    scales = jax.lax.bitcast_convert_type(scales, bits)
+    new = jax.lax.bitcast_convert_type(new.astype(dtype), bits)
 
     def one(b, out):
         c = ctx_lens[b]
@@ -157,10 +162,10 @@ def append_scales(scales, new, ctx_lens, n_new):
         ok = (t >= 0) & (t < n_new[b])
         old = jax.lax.dynamic_slice(out, (b, 0, start), (1, Hkv, n_max))
         rows = jnp.take(new[b], jnp.clip(t, 0, n_max - 1), axis=0).T   # [Hkv, n_max]
-        merged = jnp.where(ok[None, None, :], rows[None].astype(out.dtype), old)
+        merged = jnp.where(ok[None, None, :], rows[None], old)
         return jax.lax.dynamic_update_slice(out, merged, (b, 0, start))
 
-    return jax.lax.fori_loop(0, B, one, scales)
+    return jax.lax.bitcast_convert_type(jax.lax.fori_loop(0, B, one, scales), dtype)
 
 
 @jax.jit
@@ -171,10 +176,14 @@ def _append(k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
 
 @jax.jit
 def _append_quantized(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, k_scales, v_scales):
+    # The values are scattered as raw bytes (int8), like the Pallas kernel moves them: a scatter
+    # of fp8 elements would canonicalise every NaN of the cache (0x7E -> 0x7F in e5m2).
+    as_bytes = lambda x: jax.lax.bitcast_convert_type(x, jnp.int8)  # noqa: E731
     out = []
     for cache, new, scales in ((k_cache, k_new, k_scales), (v_cache, v_new, v_scales)):
         values, new_scales = quant.quantize(new, cache.dtype, scale_dtype=scales.dtype)
-        out.append((append_rows(cache, values, ctx_lens, n_new),
+        written = append_rows(as_bytes(cache), as_bytes(values), ctx_lens, n_new)
+        out.append((jax.lax.bitcast_convert_type(written, cache.dtype),
                     append_scales(scales, new_scales, ctx_lens, n_new)))
     (kc, ks), (vc, vs) = out
     return kc, vc, ks, vs
