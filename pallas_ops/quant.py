@@ -17,6 +17,7 @@ per key scales a score column, a V scale per key scales p before p.V (f32 throug
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 KV_CACHE_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
@@ -47,7 +48,11 @@ def quantize(x, dtype, *, scale_dtype=jnp.float32):
     absmax = jnp.max(jnp.abs(x), axis=-1)
     scale = (absmax * jnp.float32(1.0 / qmax)).astype(scale_dtype)
     s32 = scale.astype(jnp.float32)[..., None]
-    y = jnp.where(s32 > 0, x / jnp.where(s32 > 0, s32, 1.0), 0.0)
+    # XLA rewrites x / broadcast(s) as x * broadcast(1 / s), which is not correctly rounded (it
+    # moves x / s off a .5 tie, then int8 / fp8 rounding disagrees with reference.quant): divide
+    # by a materialised divisor the simplifier cannot see through.
+    div = jax.lax.optimization_barrier(jnp.broadcast_to(jnp.where(s32 > 0, s32, 1.0), x.shape))
+    y = jnp.where(s32 > 0, x / div, 0.0)
     if name == "int8":
         y = jnp.round(y)
     y = jnp.clip(y, -qmax, qmax)

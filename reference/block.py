@@ -5,6 +5,9 @@ Block query i of sequence b sits at absolute position ctx_lens[b] + i. It attend
 mask, to context keys j in 0..ctx_lens[b]-1 and to all bs block keys. With `sliding_window=W`,
 context key j is visible only if j > ctx_lens[b] + i - W; the block keys stay visible.
 Cache rows at or past ctx_lens[b] are never read.
+
+Quantized caches (int8 / float8_e4m3fn / float8_e5m2 values with [B, Hkv, S_max] scales, see
+`reference.quant`): pass `k_scales=` / `v_scales=`; the context is then `values * scales`.
 """
 from __future__ import annotations
 
@@ -12,16 +15,26 @@ import math
 
 import numpy as np
 
+from reference import quant
 
-def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale=None,
-                    sliding_window=None):
-    """q [B, bs, Hq, D]; k_block/v_block [B, bs, Hkv, D]; k_cache/v_cache [B, Hkv, S_max, D];
-    ctx_lens [B]. Returns float64 [B, bs, Hq, D]."""
+
+def _context(cache, scales):
+    """The context a cache holds, float64: the values, or values * scales when quantized."""
+    if scales is None:
+        return np.asarray(cache, np.float64)
+    return quant.dequantize(cache, scales)
+
+
+def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, k_scales=None,
+                    v_scales=None, sm_scale=None, sliding_window=None):
+    """q [B, bs, Hq, D]; k_block/v_block [B, bs, Hkv, D]; k_cache/v_cache [B, Hkv, S_max, D]
+    (with k_scales/v_scales [B, Hkv, S_max] when quantized); ctx_lens [B].
+    Returns float64 [B, bs, Hq, D]."""
     q = np.asarray(q, np.float64)
     k_block = np.asarray(k_block, np.float64)
     v_block = np.asarray(v_block, np.float64)
-    k_cache = np.asarray(k_cache, np.float64)
-    v_cache = np.asarray(v_cache, np.float64)
+    k_cache = _context(k_cache, k_scales)
+    v_cache = _context(v_cache, v_scales)
     B, bs, Hq, D = q.shape
     Hkv = k_block.shape[2]
     if Hq % Hkv:
@@ -47,15 +60,33 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
     return out
 
 
-def append_context(k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
+def append_context(k_cache, v_cache, k_new, v_new, ctx_lens, n_new, *, k_scales=None,
+                   v_scales=None):
     """Copies of the caches with k_new[b, :n_new[b]] (and v_new) written at rows ctx_lens[b]..
-    k_cache/v_cache [B, Hkv, S_max, D]; k_new/v_new [B, n_max, Hkv, D]."""
-    k_cache = np.array(k_cache, copy=True)
-    v_cache = np.array(v_cache, copy=True)
-    for b in range(k_cache.shape[0]):
+    k_cache/v_cache [B, Hkv, S_max, D]; k_new/v_new [B, n_max, Hkv, D].
+
+    Quantized caches (k_scales/v_scales [B, Hkv, S_max] given): the new rows are quantized with
+    `reference.quant.quantize` to the cache's dtype and the scales' dtype, values and scales
+    written; returns (k_cache, v_cache, k_scales, v_scales)."""
+    caches = [np.array(k_cache, copy=True), np.array(v_cache, copy=True)]
+    news = [np.asarray(k_new), np.asarray(v_new)]
+    scales = None
+    if k_scales is not None or v_scales is not None:
+        scales = [np.array(k_scales, copy=True), np.array(v_scales, copy=True)]
+        for x in range(2):
+            news[x] = quant.quantize(news[x], caches[x].dtype.name,
+                                     scale_dtype=scales[x].dtype.name)
+    for b in range(caches[0].shape[0]):
         c, n = int(ctx_lens[b]), int(n_new[b])
-        if c < 0 or n < 0 or n > k_new.shape[1] or c + n > k_cache.shape[2]:
+        if c < 0 or n < 0 or n > k_new.shape[1] or c + n > caches[0].shape[2]:
             raise ValueError(f"sequence {b}: ctx_len={c}, n_new={n} do not fit")
-        k_cache[b, :, c:c + n] = np.swapaxes(np.asarray(k_new)[b, :n], 0, 1)
-        v_cache[b, :, c:c + n] = np.swapaxes(np.asarray(v_new)[b, :n], 0, 1)
-    return k_cache, v_cache
+        for x in range(2):
+            if scales is None:
+                caches[x][b, :, c:c + n] = np.swapaxes(news[x][b, :n], 0, 1)
+            else:
+                values, s = news[x]
+                caches[x][b, :, c:c + n] = np.swapaxes(values[b, :n], 0, 1)
+                scales[x][b, :, c:c + n] = s[b, :n].T
+    if scales is None:
+        return caches[0], caches[1]
+    return caches[0], caches[1], scales[0], scales[1]

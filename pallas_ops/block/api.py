@@ -17,9 +17,9 @@ from pallas_ops.chips import current_chip
 from pallas_ops.execution import resolve_interpret
 
 
-def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale=None,
-                    sliding_window=None, block_sizes=None, interpret=None, validate=False,
-                    chip=None):
+def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, k_scales=None,
+                    v_scales=None, sm_scale=None, sliding_window=None, block_sizes=None,
+                    interpret=None, validate=False, chip=None):
     """Non-causal block attention of a bs-token block over a static context cache (Pallas TPU).
 
     Args:
@@ -27,9 +27,16 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
       k_block:  [B, bs, Hkv, D] same dtype, the block's own keys; Hq % Hkv == 0.
       v_block:  [B, bs, Hkv, D] same dtype, the block's own values.
       k_cache:  [B, Hkv, S_max, D] same dtype, static context keys; rows >= ctx_lens[b] unused.
-        S_max must be a multiple of 8 (cache rows are DMA'd in whole (8, 128) HBM tiles).
-      v_cache:  [B, Hkv, S_max, D] same dtype, static context values.
+        S_max must be a multiple of 8 (cache rows are DMA'd in whole (8, 128) HBM tiles). Or a
+        quantized cache: int8 / float8_e4m3fn / float8_e5m2 (`pallas_ops.quant`), with k_scales;
+        then S_max must be a multiple of 32 ((32, 128) HBM tiles of 8-bit arrays).
+      v_cache:  [B, Hkv, S_max, D] k_cache's dtype, static context values.
       ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
+      k_scales, v_scales: [B, Hkv, S_max] f32 or bf16 (both the same), required for (and only
+        for) a quantized cache: context key j of KV head h is k_cache[b, h, j] * k_scales[b, h, j]
+        (values likewise). Entries at or past ctx_lens[b] are never used (may be NaN). With bf16
+        scales the context tile is rounded up to a multiple of 256 rows (scale DMAs move whole
+        512-byte granules; see `pallas_ops.block.kernel`).
       sm_scale: softmax scale (default 1/sqrt(D)).
       sliding_window: None or W >= 1: context key j visible to block query i iff
         j > ctx_lens[b] + i - W.
@@ -39,9 +46,11 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
       validate: check ctx_lens on the host first (needs concrete values).
       chip: 'v5e' / 'v5p' / 'v6e' for block sizes and VMEM budget when compiling ahead of time.
     Returns:
-      [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation). D must be 64, 128 or 256.
+      [B, bs, Hq, D] in q's dtype (f32 softmax and accumulation; a quantized cache's values are
+      converted to q's dtype, exactly, and its scales applied in f32). D must be 64, 128 or 256.
     """
     B, bs, Hq, Hkv, S_max, D = check_static(q, k_block, v_block, k_cache, v_cache, ctx_lens,
+                                            k_scales=k_scales, v_scales=v_scales,
                                             sliding_window=sliding_window,
                                             row_multiple=CACHE_ROW_MULTIPLE)
     if validate or is_host_value(ctx_lens):
@@ -54,6 +63,7 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, sm_scale
         raise ValueError(f"block_sizes must be a BlockAttentionBlockSizes, got {block_sizes!r}")
     scale = 1.0 / math.sqrt(D) if sm_scale is None else float(sm_scale)
     return run_block_attention(
-        q, k_block, v_block, k_cache, v_cache, jnp.asarray(ctx_lens), scale=scale,
+        q, k_block, v_block, k_cache, v_cache, jnp.asarray(ctx_lens), k_scales, v_scales,
+        scale=scale,
         window=None if sliding_window is None else int(sliding_window),
         block_sizes=block_sizes, interpret=resolve_interpret(interpret), chip=chip)

@@ -27,11 +27,20 @@ class BlockAttentionBlockSizes:
             raise ValueError(f"kv_heads_per_step must be an int >= 1, got "
                              f"{self.kv_heads_per_step!r}")
 
-    def heads_per_step(self, num_kv_heads: int) -> int:
-        """The largest divisor of num_kv_heads that is <= kv_heads_per_step."""
+    def heads_per_step(self, num_kv_heads: int, *, pairs: bool = False) -> int:
+        """The largest divisor of num_kv_heads that is <= kv_heads_per_step.
+
+        pairs: head blocks must start at an even head (bf16 scales of a quantized cache pack two
+        heads per 32-bit word in HBM, and a DMA moves whole words): an odd divisor below
+        num_kv_heads is replaced by the next larger divisor that is even or num_kv_heads."""
         hb = min(self.kv_heads_per_step, num_kv_heads)
         while num_kv_heads % hb:
             hb -= 1
+        if pairs:
+            while hb % 2 and hb != num_kv_heads:
+                hb += 1
+                while num_kv_heads % hb:
+                    hb += 1
         return hb
 
 

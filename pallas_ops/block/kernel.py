@@ -25,11 +25,41 @@ Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbi
   whole tile); every other tile does no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
   below ctx_len (so at most DMA_CHUNK - 1 rows past ctx_len are ever read, never past S_max);
   DMA offsets stay aligned to the (8|16, 128) HBM tiling.
+
+Quantized caches (int8 / float8_e4m3fn / float8_e5m2, `pallas_ops.quant`): the real context value
+is ``stored value * scale`` with one scale per (KV head, token), k_scales / v_scales
+[B, Hkv, S_max] (f32 or bf16). The 8-bit tiles are DMA'd as they are ((32, 128) HBM tiles, so
+S_max % 32 == 0 and every row offset is a multiple of 32: DMA_CHUNK is) and converted in VMEM to
+the compute dtype (q's; int8 and fp8 values are exact in bf16; v5e/v5p have no fp8 MXU path, so
+the conversion comes before the matmul). The scales are folded into the math, never into the
+tiles: a K scale per key multiplies a score column (after q.k), a V scale per key multiplies p
+before p.V (the denominator sums the unscaled p); f32 throughout. On the masked path the mask is
+applied after the scale (scales at or past ctx_len may be NaN: where(ok, s * ks, -inf),
+where(ok, p * vs, 0)).
+- Scale layout: per tile, a [heads_per_step, tile] slice of each scale array (a lane vector per
+  head over the tile's keys) in a double-buffered [2, hb, tile] VMEM buffer, DMA'd with the
+  tile's values (same chunks, semaphores of its own).
+- The 512-byte rule: a TPU DMA's contiguous inner slice must be a multiple of 512 bytes (Mosaic
+  refuses anything else: "The contiguous inner slice in the DMA transfer must be divisible by 512
+  bytes"). In HBM a [B, Hkv, S_max] scale array is tiled over (Hkv, S_max): f32 in (8, 128)
+  tiles, where one head's 128 tokens are 512 contiguous bytes; bf16 in (8, 128)(2, 1) tiles,
+  where two heads' 128 tokens are packed into 512 contiguous bytes of 32-bit words. So scale DMAs
+  move whole DMA_CHUNK = 128-token granules at token offsets that are multiples of 128, and with
+  bf16 scales a step's head block starts at an even head (`heads_per_step(..., pairs=True)`).
+  Checked by AOT compiles with libtpu 0.0.42.1 and 0.0.50.1 for v5e, v5p and v6e: 16-, 32- and
+  64-token slices are refused (f32 and bf16), 128- and 256-token slices at 128-aligned offsets
+  compile for any f32 head range and for bf16 head ranges starting at an even head; a bf16
+  slice starting at an odd head is refused whatever its length.
+- The straddling tile fetches the granules holding rows below ctx_len, like its values: at most
+  127 scales past ctx_len. When S_max is not a multiple of 128, the cache's last partial granule
+  cannot be DMA'd from the scale arrays: the wrapper passes it (an XLA slice, zero-padded to 128
+  tokens) as a separate [B, Hkv, 128] input, DMA'd instead. Nothing at or past S_max is read.
 """
 from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +69,8 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_ops.chips import CHIPS, MiB
 
 
-DMA_CHUNK = 128        # granularity of the DMAs of the tile straddling ctx_len (rows)
+DMA_CHUNK = 128        # granularity of the DMAs of the tile straddling ctx_len (rows); also
+                       # the scale DMA granule (128 tokens: 512 bytes, see above)
 MASKED_SUBTILE = 512   # rows per step of the masked path (straddling / sliding-window tiles)
 
 
@@ -51,8 +82,12 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool):
-    """Fold scores s [R, T] f32 and values v [T, D] into the running state of head h."""
+def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool, v_scale=None, v_ok=None):
+    """Fold scores s [R, T] f32 and values v [T, D] into the running state of head h.
+
+    v_scale [1, T] f32: per-key V scales of a quantized cache, multiplied into p before p.V (the
+    denominator sums the unscaled p); v_ok [R, T]: where that product may be used (scales at or
+    past ctx_len may be NaN)."""
     m_cur = jnp.max(s, axis=1, keepdims=True)                              # [R, 1]
     if first:
         m_new = m_cur
@@ -61,7 +96,12 @@ def _online_update(h, s, v, m_ref, l_ref, acc_ref, *, first: bool):
         m_new = jnp.maximum(m_prev, m_cur)
     p = jnp.exp2(s - m_new)                                                 # [R, T]
     l_cur = jnp.sum(p, axis=1, keepdims=True)
-    pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [R, D]
+    pw = p
+    if v_scale is not None:
+        pw = p * v_scale
+        if v_ok is not None:
+            pw = jnp.where(v_ok, pw, 0.0)
+    pv = jnp.dot(pw.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [R, D]
     if first:
         l_new, acc_new = l_cur, pv
     else:
@@ -77,6 +117,16 @@ def _scores(q, k):
     """q [R, D] . k [T, D]^T -> [R, T] f32 (q is pre-scaled: scores are in log2 units)."""
     return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
+
+
+class _Scales(NamedTuple):
+    """The scale refs of a quantized cache (see the module docstring)."""
+    k_hbm: object       # [B, Hkv, S_max] f32/bf16 K scales (HBM)
+    v_hbm: object       # [B, Hkv, S_max] f32/bf16 V scales (HBM)
+    k_tail: object      # [B, Hkv, 128] K scales of the last partial granule, zero-padded (HBM)
+    v_tail: object      # [B, Hkv, 128] V scales of the last partial granule, zero-padded (HBM)
+    kbuf: object        # [2, hb, T] f32/bf16 double-buffered K scales of the context tiles
+    vbuf: object        # [2, hb, T] f32/bf16 double-buffered V scales of the context tiles
 
 
 def _block_attention_kernel(
@@ -98,31 +148,92 @@ def _block_attention_kernel(
     l_ref,          # [hb, R, 128] f32  running denominator (lane-replicated)
     acc_ref,        # [hb, R, D] f32    running numerator
     base_ref,       # [1] int32 (SMEM)  buffer slot of this step's first tile (set by the step before)
-    *, bs, groups, tile, s_max, window,
+    **kw,
 ):
+    _attend(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, o_ref, kbuf, vbuf, sems, m_ref,
+            l_ref, acc_ref, base_ref, None, **kw)
+
+
+def _quantized_block_attention_kernel(
+    # Prefetch
+    ctx_lens_ref,   # [B] int32 (SMEM)
+    # Inputs
+    q_ref,          # [hb, R, D]        as in _block_attention_kernel (bf16/f32)
+    kb_ref,         # [hb, BSP, D]      block keys (bf16/f32, not quantized)
+    vb_ref,         # [hb, BSP, D]      block values
+    kc_hbm,         # [B, Hkv, S_max, D] int8/fp8 context keys (HBM)
+    vc_hbm,         # [B, Hkv, S_max, D] int8/fp8 context values (HBM)
+    ks_hbm,         # [B, Hkv, S_max] f32/bf16 K scales (HBM)
+    vs_hbm,         # [B, Hkv, S_max] f32/bf16 V scales (HBM)
+    kst_hbm,        # [B, Hkv, 128] K scales of rows [S_max - S_max % 128, S_max), zero-padded
+                    #   (HBM; ks_hbm itself, never read, when S_max % 128 == 0)
+    vst_hbm,        # [B, Hkv, 128] the same for V
+    # Outputs
+    o_ref,          # [hb, R, D]
+    # Scratch
+    kbuf,           # [2, hb, T, D] int8/fp8  double-buffered context key tiles
+    vbuf,           # [2, hb, T, D] int8/fp8  double-buffered context value tiles
+    ksbuf,          # [2, hb, T] f32/bf16     double-buffered K scales of the tiles
+    vsbuf,          # [2, hb, T] f32/bf16     double-buffered V scales of the tiles
+    sems,           # DMA semaphores [4 (k, v, k scales, v scales), 2 (slot)]
+    m_ref,          # [hb, R, 128] f32  running max (lane-replicated)
+    l_ref,          # [hb, R, 128] f32  running denominator (lane-replicated)
+    acc_ref,        # [hb, R, D] f32    running numerator
+    base_ref,       # [1] int32 (SMEM)  buffer slot of this step's first tile
+    **kw,
+):
+    scales = _Scales(ks_hbm, vs_hbm, kst_hbm, vst_hbm, ksbuf, vsbuf)
+    _attend(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, o_ref, kbuf, vbuf, sems, m_ref,
+            l_ref, acc_ref, base_ref, scales, **kw)
+
+
+def _attend(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, o_ref, kbuf, vbuf, sems, m_ref,
+            l_ref, acc_ref, base_ref, scales, *, bs, groups, tile, s_max, window):
+    """The kernel body; `scales` is None for a bf16/f32 cache (refs: see the two kernels)."""
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
     SUB = min(MASKED_SUBTILE, tile)
-    h0 = pl.program_id(0) * hb
+    # First KV head of the step; a static 0 when one step holds every head (Mosaic then knows
+    # the offset is tile-aligned: bf16 scales need an even head offset).
+    h0 = 0 if hb == kc_hbm.shape[1] else pl.program_id(0) * hb
     b = pl.program_id(1)
     num_b = pl.num_programs(1)
+    cdt = q_ref.dtype              # compute dtype: 8-bit tiles are converted to it in VMEM
+
+    def load(x):
+        return x if x.dtype == cdt else x.astype(cdt)
 
     n_chunks = tile // DMA_CHUNK
     full_chunks, rem = divmod(s_max, DMA_CHUNK)   # static: the cache ends in a short chunk if rem
 
     def copy_pair(bb, t, slot, chunk, rows, op):
-        """K and V rows [t*tile + chunk*DMA_CHUNK, + rows) of sequence bb, the step's heads."""
+        """K and V rows [t*tile + chunk*DMA_CHUNK, + rows) of sequence bb, the step's heads, and
+        (quantized) their scales; the short last chunk's scales come from the padded tail copy
+        as one whole 128-token granule."""
         src = pl.ds(pl.multiple_of(t * tile + chunk * DMA_CHUNK, DMA_CHUNK), rows)
         dst = pl.ds(chunk * DMA_CHUNK, rows)
         for x, (hbm, buf) in enumerate(((kc_hbm, kbuf), (vc_hbm, vbuf))):
             cp = pltpu.make_async_copy(hbm.at[bb, pl.ds(h0, hb), src, :],
                                        buf.at[slot, :, dst, :], sems.at[x, slot])
             getattr(cp, op)()
+        if scales is None:
+            return
+        for x, (hbm, tail, buf) in enumerate(((scales.k_hbm, scales.k_tail, scales.kbuf),
+                                              (scales.v_hbm, scales.v_tail, scales.vbuf))):
+            if rows < DMA_CHUNK:
+                cp = pltpu.make_async_copy(tail.at[bb, pl.ds(h0, hb), :],
+                                           buf.at[slot, :, pl.ds(chunk * DMA_CHUNK, DMA_CHUNK)],
+                                           sems.at[2 + x, slot])
+            else:
+                cp = pltpu.make_async_copy(hbm.at[bb, pl.ds(h0, hb), src], buf.at[slot, :, dst],
+                                           sems.at[2 + x, slot])
+            getattr(cp, op)()
 
     def dma(bb, ctx_bb, t, slot, op):
         """Start or wait the DMAs of context tile t of sequence bb. A tile wholly below ctx_len
-        moves in one DMA per K/V; the tile straddling ctx_len moves only its DMA_CHUNK-row
-        chunks that hold rows below ctx_len (the last one short if the cache ends inside it)."""
+        moves in one DMA per K/V (and per scale array); the tile straddling ctx_len moves only
+        its DMA_CHUNK-row chunks that hold rows below ctx_len (the last one short if the cache
+        ends inside it)."""
         whole = (t + 1) * tile <= ctx_bb
         pl.when(whole)(lambda: copy_pair(bb, t, slot, 0, tile, op))
 
@@ -178,16 +289,26 @@ def _block_attention_kernel(
             s = jnp.where(col < bs, s, -jnp.inf)
         _online_update(h, s, vb_ref[h], m_ref, l_ref, acc_ref, first=True)
 
+    def tile_scales(slot, h, lanes):
+        """The K and V scales [1, lanes] f32 of head h's keys `lanes` of the tile in `slot`."""
+        return tuple(buf[slot, pl.ds(h, 1), lanes].astype(jnp.float32)
+                     for buf in (scales.kbuf, scales.vbuf))
+
     def process_full(slot):
         """A tile wholly below ctx_len and wholly inside every row's window: no masking."""
         for h in range(hb):
-            s = _scores(q_ref[h], kbuf[slot, h])                            # [R, T]
-            _online_update(h, s, vbuf[slot, h], m_ref, l_ref, acc_ref, first=False)
+            s = _scores(q_ref[h], load(kbuf[slot, h]))                      # [R, T]
+            vs = None
+            if scales is not None:                  # every scale of the tile is valid here
+                ks, vs = tile_scales(slot, h, slice(None))
+                s = s * ks
+            _online_update(h, s, load(vbuf[slot, h]), m_ref, l_ref, acc_ref, first=False,
+                           v_scale=vs)
 
     def process_masked(slot, t):
         """The tile straddling ctx_len, or the sliding window's edge tile: SUB-row sub-tiles,
         only those holding visible keys, with keys at or past ctx_len (NaN included) masked
-        and their values zeroed."""
+        and their values zeroed (and, quantized, masked after applying the scales)."""
         lo = t * tile
         u_end = jax.lax.div(jnp.minimum(ctx - lo, tile) + SUB - 1, SUB)
         if window is None:
@@ -198,18 +319,23 @@ def _block_attention_kernel(
         def sub(u, carry):
             off = pl.multiple_of(u * SUB, SUB)
             for h in range(hb):
-                k = kbuf[slot, h, pl.ds(off, SUB), :]                      # [SUB, D]
-                v = vbuf[slot, h, pl.ds(off, SUB), :]                      # [SUB, D]
+                k = load(kbuf[slot, h, pl.ds(off, SUB), :])                # [SUB, D]
+                v = load(vbuf[slot, h, pl.ds(off, SUB), :])                # [SUB, D]
                 s = _scores(q_ref[h], k)                                    # [R, SUB]
                 j = lo + off + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
                 ok = j < ctx
                 if window is not None:
                     row = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
                     ok &= row < (j - ctx + window) * groups   # row // G <= j - ctx + W - 1
+                vs = None
+                if scales is not None:   # scales at or past ctx_len may be NaN: mask after
+                    ks, vs = tile_scales(slot, h, pl.ds(off, SUB))
+                    s = s * ks
                 s = jnp.where(ok, s, -jnp.inf)
                 vj = lo + off + jax.lax.broadcasted_iota(jnp.int32, v.shape, 0)
                 v = jnp.where(vj < ctx, v, jnp.zeros_like(v))
-                _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False)
+                _online_update(h, s, v, m_ref, l_ref, acc_ref, first=False, v_scale=vs,
+                               v_ok=None if vs is None else ok)
             return carry
 
         jax.lax.fori_loop(u0, u_end, sub, 0)
@@ -248,13 +374,22 @@ def _block_attention_kernel(
         o_ref[h] = (acc_ref[h] / l_ref[h][:, 0:1]).astype(o_ref.dtype)
 
 
-def vmem_estimate(*, hb, rows, bsp, tile, head_dim, dtype) -> int:
-    """Bytes of VMEM the kernel needs (pipelined blocks double-buffered, scratch, temporaries)."""
+def vmem_estimate(*, hb, rows, bsp, tile, head_dim, dtype, cache_dtype=None,
+                  scale_dtype=None) -> int:
+    """Bytes of VMEM the kernel needs (pipelined blocks double-buffered, scratch, temporaries).
+    cache_dtype / scale_dtype: a quantized cache's (default: a cache of q's dtype)."""
     it = jnp.dtype(dtype).itemsize
+    cit = it if cache_dtype is None else jnp.dtype(cache_dtype).itemsize
     blocks = 2 * (2 * hb * rows * head_dim * it + 2 * hb * bsp * head_dim * it)   # q, out, kb, vb
-    tiles = 2 * 2 * hb * tile * head_dim * it                                    # kbuf, vbuf
+    tiles = 2 * 2 * hb * tile * head_dim * cit                                   # kbuf, vbuf
     state = hb * rows * (2 * 128 + head_dim) * 4                                 # m, l, acc
     temps = 3 * rows * max(tile, bsp) * 4 + 2 * tile * head_dim * 4              # s, p; masked v
+    if scale_dtype is not None:
+        sit = jnp.dtype(scale_dtype).itemsize
+        # ksbuf, vsbuf (heads padded to the sublane tile); the K and V tiles converted to q's
+        # dtype (through 32 bits); the scaled p.
+        tiles += 2 * 2 * _round_up(hb, _sublane(scale_dtype)) * tile * sit
+        temps += 2 * tile * head_dim * (it + 4) + rows * tile * 4
     return blocks + tiles + state + temps
 
 
@@ -266,8 +401,9 @@ def _vmem_budget(chip: str | None) -> int:
 
 @functools.partial(jax.jit, static_argnames=("scale", "window", "block_sizes", "interpret",
                                              "chip"))
-def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scale, window,
-                     block_sizes, interpret, chip):
+def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, k_scales=None,
+                        v_scales=None, *, scale, window, block_sizes, interpret, chip):
+    """The pallas_call (checked inputs; k_scales/v_scales given iff the cache is quantized)."""
     B, bs, Hq, D = q.shape
     Hkv, S_max = k_cache.shape[1], k_cache.shape[2]
     G = Hq // Hkv
@@ -275,7 +411,10 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scal
     sub = _sublane(dtype)
     R = _round_up(bs * G, sub)
     BSP = _round_up(bs, sub)
-    hb = block_sizes.heads_per_step(Hkv)
+    quantized = k_scales is not None
+    scale_dtype = k_scales.dtype if quantized else None
+    # bf16 scales pack two heads per 32-bit word in HBM: a step's heads start at an even head.
+    hb = block_sizes.heads_per_step(Hkv, pairs=scale_dtype == jnp.bfloat16)
     tile = block_sizes.ctx_tile
 
     # q rows grouped by KV head: [B, Hkv, bs*G (+pad), D], row r = (block position r // G, head
@@ -287,7 +426,8 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scal
     kb = jnp.pad(k_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
     vb = jnp.pad(v_block.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, BSP - bs), (0, 0)))
 
-    need = vmem_estimate(hb=hb, rows=R, bsp=BSP, tile=tile, head_dim=D, dtype=dtype)
+    need = vmem_estimate(hb=hb, rows=R, bsp=BSP, tile=tile, head_dim=D, dtype=dtype,
+                         cache_dtype=k_cache.dtype, scale_dtype=scale_dtype)
     budget = _vmem_budget(chip)
     if need > budget * 3 // 4:
         raise ValueError(f"block_attention needs ~{need / MiB:.1f} MiB of VMEM, more than 3/4 of "
@@ -296,39 +436,53 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scal
     vmem_limit = int(min(budget * 3 // 4, max(2 * need, 16 * MiB)))
 
     it = jnp.dtype(dtype).itemsize
+    cit = jnp.dtype(k_cache.dtype).itemsize
+    scale_bytes = 2 * B * Hkv * S_max * jnp.dtype(scale_dtype).itemsize if quantized else 0
     cost = pl.CostEstimate(
-        # Upper bound: ctx_lens is dynamic, so count the full capacity plus the block.
-        flops=int(4 * B * Hq * bs * (S_max + bs) * D),
+        # Upper bound: ctx_lens is dynamic, so count the full capacity plus the block (and, for
+        # a quantized cache, its 8-bit values, their scales and the two scale multiplies).
+        flops=int(4 * B * Hq * bs * (S_max + bs) * D + (2 * B * Hq * bs * S_max if quantized
+                                                        else 0)),
         transcendentals=int(B * Hq * bs * (S_max + bs)),
-        bytes_accessed=int(2 * B * Hkv * S_max * D * it + 2 * B * Hq * bs * D * it
+        bytes_accessed=int(2 * B * Hkv * S_max * D * cit + scale_bytes + 2 * B * Hq * bs * D * it
                            + 2 * B * Hkv * bs * D * it),
     )
-    kernel = functools.partial(_block_attention_kernel, bs=bs, groups=G, tile=tile,
-                               s_max=S_max, window=window)
+    kw = dict(bs=bs, groups=G, tile=tile, s_max=S_max, window=window)
     blk = lambda rows: pl.BlockSpec((None, hb, rows, D), lambda g, b, cl: (b, g, 0, 0))  # noqa
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    tiles = [pltpu.VMEM((2, hb, tile, D), k_cache.dtype),     # kbuf
+             pltpu.VMEM((2, hb, tile, D), k_cache.dtype)]     # vbuf
+    state = [pltpu.VMEM((hb, R, 128), jnp.float32),           # m
+             pltpu.VMEM((hb, R, 128), jnp.float32),           # l
+             pltpu.VMEM((hb, R, D), jnp.float32),             # acc
+             pltpu.SMEM((1,), jnp.int32)]                     # base slot
+    if quantized:
+        rem = S_max % DMA_CHUNK
+        if rem:     # the last partial granule, zero-padded (see the module docstring)
+            pad = ((0, 0), (0, 0), (0, DMA_CHUNK - rem))
+            k_tail = jnp.pad(k_scales[:, :, S_max - rem:], pad)
+            v_tail = jnp.pad(v_scales[:, :, S_max - rem:], pad)
+        else:       # no partial granule: never read, any array will do
+            k_tail, v_tail = k_scales, v_scales
+        kernel = functools.partial(_quantized_block_attention_kernel, **kw)
+        caches = (k_cache, v_cache, k_scales, v_scales, k_tail, v_tail)
+        scratch = tiles + [pltpu.VMEM((2, hb, tile), scale_dtype),   # ksbuf
+                           pltpu.VMEM((2, hb, tile), scale_dtype),   # vsbuf
+                           pltpu.SemaphoreType.DMA((4, 2))] + state
+    else:
+        kernel = functools.partial(_block_attention_kernel, **kw)
+        caches = (k_cache, v_cache)
+        scratch = tiles + [pltpu.SemaphoreType.DMA((2, 2))] + state
     out = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((B, Hkv, R, D), dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
             grid=(Hkv // hb, B),   # head groups first: megacore splits them at B=1
-            in_specs=[
-                blk(R),                                   # q rows
-                blk(BSP),                                 # k_block
-                blk(BSP),                                 # v_block
-                pl.BlockSpec(memory_space=pl.ANY),        # k_cache
-                pl.BlockSpec(memory_space=pl.ANY),        # v_cache
-            ],
+            # q rows, k_block, v_block; the caches (and scales) stay in HBM
+            in_specs=[blk(R), blk(BSP), blk(BSP)] + [any_spec] * len(caches),
             out_specs=blk(R),
-            scratch_shapes=[
-                pltpu.VMEM((2, hb, tile, D), dtype),
-                pltpu.VMEM((2, hb, tile, D), dtype),
-                pltpu.SemaphoreType.DMA((2, 2)),
-                pltpu.VMEM((hb, R, 128), jnp.float32),
-                pltpu.VMEM((hb, R, 128), jnp.float32),
-                pltpu.VMEM((hb, R, D), jnp.float32),
-                pltpu.SMEM((1,), jnp.int32),
-            ],
+            scratch_shapes=scratch,
         ),
         compiler_params=pltpu.CompilerParams(
             # Head groups split over TensorCores; the batch axis runs in order on each core
@@ -339,7 +493,7 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, scal
         cost_estimate=cost,
         name="dflash_block_attention",
         interpret=interpret,
-    )(ctx_lens, qr, kb, vb, k_cache, v_cache)
+    )(ctx_lens, qr, kb, vb, *caches)
 
     out = out[:, :, :bs * G].reshape(B, Hkv, bs, G, D).transpose(0, 2, 1, 3, 4)
     return out.reshape(B, bs, Hq, D)
