@@ -51,7 +51,7 @@ def load_pair(assets=ASSETS):
 
 def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None,
              max_batch=None, warmup=True, queue=False, ar_result=None, repeats=1,
-             temperature=0.0, seed=0):
+             temperature=0.0, seed=0, kv_cache_dtype=None):
     """Decode `prompts` speculatively and autoregressively (same kernels, same cache).
 
     Returns a dict with both GenerationOutputs, wall times (after a warm-up call that compiles;
@@ -59,15 +59,18 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     compiles of prefill shapes first met in the first run, e.g. with queue=True), tau,
     acceptance by position, tokens/s and per-step times. `ar_result` = (output, seconds) of an
     earlier autoregressive run to reuse. temperature > 0 samples (same per-prompt seeds in both
-    decoders: the same noise, see `models.sampling`)."""
+    decoders: the same noise, see `models.sampling`). kv_cache_dtype: both decoders' caches
+    (None: the model dtype; int8 / float8_e4m3fn / float8_e5m2: `models.kv_cache`)."""
     from models.decoding import SpeculativeDecoder, generate_autoregressive
 
     max_batch = max_batch or len(prompts)
     max_seq_len = max(len(p) for p in prompts) + max_new_tokens
     spec = SpeculativeDecoder(target, draft, max_batch=max_batch, max_seq_len=max_seq_len,
-                              backend=backend, block_size=block_size)
+                              backend=backend, block_size=block_size,
+                              kv_cache_dtype=kv_cache_dtype)
     bs = spec.block_size
-    ar_kw = dict(max_batch=max_batch, max_seq_len=max_seq_len, backend=backend)
+    ar_kw = dict(max_batch=max_batch, max_seq_len=max_seq_len, backend=backend,
+                 kv_cache_dtype=kv_cache_dtype)
     gen_kw = dict(temperature=temperature, seed=seed)
     if warmup:      # compile prefill and step functions (short generations, same shapes)
         spec.generate(prompts[:max_batch], max_new_tokens=min(2 * bs + 1, max_new_tokens),
@@ -112,7 +115,8 @@ def _ar(target, prompts, max_new_tokens, ar_kw, queue, gen_kw):
         return generate_autoregressive(target, prompts, max_new_tokens=max_new_tokens, **ar_kw,
                                        **gen_kw)
     dec = AutoregressiveDecoder(target, max_batch=ar_kw["max_batch"],
-                                max_seq_len=ar_kw["max_seq_len"], backend=ar_kw["backend"])
+                                max_seq_len=ar_kw["max_seq_len"], backend=ar_kw["backend"],
+                                kv_cache_dtype=ar_kw["kv_cache_dtype"])
     return dec.generate(prompts, max_new_tokens=max_new_tokens, queue=True, **gen_kw)
 
 

@@ -43,6 +43,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="alternating AR / DFlash runs per block size; the fastest of each is "
                         "reported (the first run also compiles prefill shapes met only then)")
+    p.add_argument("--kv-cache-dtype", choices=("int8", "float8_e4m3fn", "float8_e5m2"),
+                   default=None, help="8-bit KV caches for both decoders (default: model dtype)")
     p.add_argument("--assets", default=ASSETS)
     p.add_argument("--draft", default=None, help="draft dir (default: ASSETS/draft)")
     p.add_argument("--out", default=os.path.join(ASSETS, "e2e"))
@@ -62,7 +64,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         r = run_pair(target, draft, prompts, max_new_tokens=args.max_new_tokens,
                      backend=args.backend, block_size=bs, max_batch=args.batch, queue=True,
-                     ar_result=ar_result, repeats=args.repeats)
+                     ar_result=ar_result, repeats=args.repeats,
+                     kv_cache_dtype=args.kv_cache_dtype)
         ar_result = (r["ar"], r["ar_seconds"])
         if not r["identical"]:
             raise SystemExit(f"bs {bs}: speculative output differs from autoregressive decoding")
@@ -71,6 +74,7 @@ def main(argv=None):
         row.update(block_size=bs, trained_block_size=draft.config.block_size,
                    prompts=len(prompts), batch=args.batch, prompt_len=args.prompt_len,
                    max_new_tokens=args.max_new_tokens, backend=args.backend,
+                   kv_cache_dtype=args.kv_cache_dtype or "model dtype",
                    wall_seconds=time.perf_counter() - t0,
                    tau_p10_p50_p90=np.percentile(
                        [t for t in r["tau_per_prompt"] if t == t], [10, 50, 90]).tolist())

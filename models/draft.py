@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import DraftConfig
+from models.kv_cache import new_rows
 from models.layers import MLP, Attention, Linear, RMSNorm, apply_rope, rope_inv_freq
 
 
@@ -60,7 +61,8 @@ class DraftModel(nnx.Module):
         """Append new context entries to every layer's static cache.
 
         features: [B, n_max, n_feat * H]; positions: int32 [B, n_max] (absolute positions of
-        those tokens); caches: tuple over layers of (k_cache, v_cache) [B, Hkv, S_max, D];
+        those tokens); caches: tuple over layers of (k_cache, v_cache) [B, Hkv, S_max, D]
+        (8-bit caches: plus their scales, `models.kv_cache`);
         ctx_lens: int32 [B] write offsets; n_new: int32 [B] rows to append. Returns new caches.
         """
         return self.append_ctx(self.context(features), positions, caches, ctx_lens, n_new, ops=ops)
@@ -72,9 +74,8 @@ class DraftModel(nnx.Module):
         out = []
         for i in range(len(self.layers)):
             k, v = self.context_kv(i, ctx, positions)                     # [T, Hkv, D]
-            kc, vc = caches[i]
-            out.append(ops.append_context(kc, vc, k[rows].astype(kc.dtype),
-                                          v[rows].astype(vc.dtype), ctx_lens, n_new))
+            out.append(ops.append_context(caches[i], new_rows(k[rows], caches[i]),
+                                          new_rows(v[rows], caches[i]), ctx_lens, n_new))
         return tuple(out)
 
     def append_ctx(self, ctx, positions, caches, ctx_lens, n_new, *, ops):
@@ -82,9 +83,8 @@ class DraftModel(nnx.Module):
         out = []
         for i in range(len(self.layers)):
             k, v = self.context_kv(i, ctx, positions)
-            kc, vc = caches[i]
-            out.append(ops.append_context(kc, vc, k.astype(kc.dtype), v.astype(vc.dtype),
-                                          ctx_lens, n_new))
+            out.append(ops.append_context(caches[i], new_rows(k, caches[i]),
+                                          new_rows(v, caches[i]), ctx_lens, n_new))
         return tuple(out)
 
     def __call__(self, block_emb, positions, caches, ctx_lens, *, ops):
@@ -101,8 +101,7 @@ class DraftModel(nnx.Module):
             q = apply_rope(layer.self_attn.query(x), positions, inv)
             k, v = layer.self_attn.key_value(x)
             k = apply_rope(k, positions, inv)
-            kc, vc = caches[i]
-            o = ops.block_attention(q, k, v, kc, vc, ctx_lens,
+            o = ops.block_attention(q, k, v, caches[i], ctx_lens,
                                     sliding_window=self.config.sliding_window(i))
             h = h + layer.self_attn.output(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -2,7 +2,7 @@
 
     python -m models.generate --target DIR --draft DIR --prompt-ids 1,2,3 [--prompt-ids 4,5]
         [--tokenizer DIR --prompt "text"] [--max-new-tokens 128] [--temperature 0]
-        [--backend xla|pallas] [--compare-ar]
+        [--backend xla|pallas] [--compare-ar] [--kv-cache-dtype int8|float8_e4m3fn|float8_e5m2]
 
 Prints each sequence's generated ids (and text with --tokenizer, which needs the `tokenizers`
 package), the acceptance figures (mean tau, per-step histogram) and timings; progress goes to
@@ -62,6 +62,9 @@ def build_parser():
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-dtype", choices=("int8", "float8_e4m3fn", "float8_e5m2"),
+                   default=None, help="8-bit KV caches (target pages and draft context, with a "
+                   "scale per head and token); default: the model dtype")
     p.add_argument("--block-size", type=int, default=None, help="default: the draft's")
     p.add_argument("--compare-ar", action="store_true",
                    help="also run plain autoregressive decoding; report both and compare")
@@ -137,7 +140,8 @@ def main(argv=None):
     ar_out = None
     if args.compare_ar:
         ar = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
-                                   page_size=args.page_size, backend=args.backend)
+                                   page_size=args.page_size, backend=args.backend,
+                                   kv_cache_dtype=args.kv_cache_dtype)
         ar_out, ar_tpt = timed(ar, f"autoregressive [{args.backend}]")
     override = None
     if args.oracle_draft:
@@ -146,7 +150,7 @@ def main(argv=None):
         override = OracleProposer(ar_out.tokens, vocab_size=target.config.vocab_size)
     spec = SpeculativeDecoder(target, draft, max_batch=max_batch, max_seq_len=max_seq_len,
                               page_size=args.page_size, backend=args.backend, block_size=bs,
-                              proposal_override=override)
+                              proposal_override=override, kv_cache_dtype=args.kv_cache_dtype)
     out, sp_tpt = timed(spec, f"dflash bs={bs} [{args.backend}]"
                         + (" (oracle draft)" if override else ""))
     for i, (p, toks) in enumerate(zip(prompts, out.tokens)):

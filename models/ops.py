@@ -38,29 +38,38 @@ class Ops:
     def _interp(self):
         return {"interpret": self.interpret} if self.backend == "pallas" else {}
 
-    def paged_attention(self, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                        *, sliding_window=None):
-        """[T, Hq, D] causal attention over paged KV (see `pallas_ops.paged_attention`)."""
-        return self._mod("paged").paged_attention(
-            q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-            sliding_window=sliding_window, **self._chip())
+    # A layer cache is (k, v) or, 8-bit, (k, v, k_scales, v_scales): see `models.kv_cache`.
 
-    def write_kv_pages(self, k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens,
-                       num_seqs):
-        return self._mod("paged").write_kv_pages(
-            k_pages, v_pages, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
-            **self._interp())
+    @staticmethod
+    def _scales(cache):
+        return dict(k_scales=cache[2], v_scales=cache[3]) if len(cache) == 4 else {}
 
-    def block_attention(self, q, k_block, v_block, k_cache, v_cache, ctx_lens, *,
+    def paged_attention(self, q, cache, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                         sliding_window=None):
-        """[B, bs, Hq, D] non-causal block attention (see `pallas_ops.block_attention`)."""
-        return self._mod("block").block_attention(
-            q, k_block, v_block, k_cache, v_cache, ctx_lens, sliding_window=sliding_window,
-            **self._chip())
+        """[T, Hq, D] causal attention over a paged layer cache (see
+        `pallas_ops.paged_attention`)."""
+        return self._mod("paged").paged_attention(
+            q, cache[0], cache[1], kv_lens, page_indices, cu_q_lens, num_seqs,
+            sliding_window=sliding_window, **self._scales(cache), **self._chip())
 
-    def append_context(self, k_cache, v_cache, k_new, v_new, ctx_lens, n_new):
-        return self._mod("block").append_context(
-            k_cache, v_cache, k_new, v_new, ctx_lens, n_new, **self._interp())
+    def write_kv_pages(self, cache, k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs):
+        """The layer cache with the new tokens written (8-bit: quantized); same tuple layout."""
+        return tuple(self._mod("paged").write_kv_pages(
+            cache[0], cache[1], k_new, v_new, kv_lens, page_indices, cu_q_lens, num_seqs,
+            **self._scales(cache), **self._interp()))
+
+    def block_attention(self, q, k_block, v_block, cache, ctx_lens, *, sliding_window=None):
+        """[B, bs, Hq, D] non-causal block attention over a context layer cache (see
+        `pallas_ops.block_attention`)."""
+        return self._mod("block").block_attention(
+            q, k_block, v_block, cache[0], cache[1], ctx_lens, sliding_window=sliding_window,
+            **self._scales(cache), **self._chip())
+
+    def append_context(self, cache, k_new, v_new, ctx_lens, n_new):
+        """The context layer cache with the new rows appended (8-bit: quantized)."""
+        return tuple(self._mod("block").append_context(
+            cache[0], cache[1], k_new, v_new, ctx_lens, n_new, **self._scales(cache),
+            **self._interp()))
 
     def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None):
         """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import TargetConfig
+from models.kv_cache import new_rows
 from models.layers import MLP, Attention, RMSNorm, apply_rope, rope_inv_freq
 
 
@@ -71,7 +72,8 @@ class TargetModel(nnx.Module):
 
         Args:
           tokens: int32 [T]; positions: int32 [T] (absolute position of each token);
-          caches: tuple over layers of (k_pages, v_pages), each [Hkv, P, page_size, D];
+          caches: tuple over layers of (k_pages, v_pages), each [Hkv, P, page_size, D] (8-bit
+            caches: plus their scales, `models.kv_cache`);
           kv_lens, page_indices, cu_q_lens, num_seqs: as in `pallas_ops.paged_attention`
             (kv_lens count the new tokens).
           ops: a `models.ops.Ops`; feature_layers: target layer ids whose outputs are returned.
@@ -88,12 +90,12 @@ class TargetModel(nnx.Module):
             q = apply_rope(layer.self_attn.query(x), positions, inv)
             k, v = layer.self_attn.key_value(x)
             k = apply_rope(k, positions, inv)
-            kp, vp = caches[i]
-            kp, vp = ops.write_kv_pages(kp, vp, k, v, kv_lens, page_indices, cu_q_lens, num_seqs)
-            o = ops.paged_attention(q, kp, vp, kv_lens, page_indices, cu_q_lens, num_seqs)
+            cache = ops.write_kv_pages(caches[i], new_rows(k, caches[i]), new_rows(v, caches[i]),
+                                       kv_lens, page_indices, cu_q_lens, num_seqs)
+            o = ops.paged_attention(q, cache, kv_lens, page_indices, cu_q_lens, num_seqs)
             h = h + layer.self_attn.output(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-            new_caches.append((kp, vp))
+            new_caches.append(cache)
             if i in feature_layers:
                 feats[i] = self._feature(i, h)
         features = (jnp.concatenate([feats[i] for i in feature_layers], axis=-1)

@@ -58,25 +58,26 @@ def generate_autoregressive(target: TargetModel, prompts, *, max_new_tokens: int
                             temperature: float = 0.0, seed: int = 0, eos_token_id=None,
                             max_batch: int | None = None, max_seq_len: int | None = None,
                             page_size: int = 16, backend: str = "xla",
-                            poison: bool = False) -> GenerationOutput:
+                            poison: bool = False, kv_cache_dtype=None) -> GenerationOutput:
     """Plain decoding baseline over the same kernels and cache.
 
     Runs an `AutoregressiveDecoder` sized for these prompts (max_batch and max_seq_len default to
     powers of two above what the prompts need; decoders are cached per target and size, so
     repeated calls do not recompile). Same arguments and result as `SpeculativeDecoder.generate`
-    (acceptance_lengths empty)."""
+    (acceptance_lengths empty). kv_cache_dtype: None or an 8-bit cache (`models.kv_cache`)."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
     max_batch = max_batch or next_pow2(len(prompts))
     max_seq_len = max_seq_len or next_pow2(max(len(p) for p in prompts) + max_new_tokens)
-    key = (id(target), max_batch, max_seq_len, page_size, backend, poison)
+    key = (id(target), max_batch, max_seq_len, page_size, backend, poison, kv_cache_dtype)
     dec = _AR_DECODERS.get(key)
     if dec is not None and dec.target is target:
         dec.sync_weights()
     else:
         dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
-                                    page_size=page_size, backend=backend, poison=poison)
+                                    page_size=page_size, backend=backend, poison=poison,
+                                    kv_cache_dtype=kv_cache_dtype)
         if len(_AR_DECODERS) >= 8:
             _AR_DECODERS.pop(next(iter(_AR_DECODERS)))
         _AR_DECODERS[key] = dec

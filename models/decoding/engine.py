@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from models.kv_cache import make_paged_cache
+from models.kv_cache import check_kv_cache_dtype, make_paged_cache
+from pallas_ops.paged.validation import QUANTIZED_PAGE_SIZES
 from models.ops import get_ops
 from models.page_allocator import PageAllocator
 from models.sampling import sample_tokens
@@ -61,7 +62,7 @@ class Engine:
 
     def __init__(self, target: TargetModel, *, max_batch: int, max_seq_len: int,
                  page_size: int = 16, backend: str = "xla", prefill_chunk: int = 256,
-                 num_pages: int | None = None, poison: bool = False):
+                 num_pages: int | None = None, poison: bool = False, kv_cache_dtype=None):
         if not isinstance(target, TargetModel):
             raise TypeError(f"target must be a TargetModel, got {type(target).__name__}")
         for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
@@ -70,6 +71,10 @@ class Engine:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if prefill_chunk & (prefill_chunk - 1):
             raise ValueError(f"prefill_chunk must be a power of two, got {prefill_chunk}")
+        self.kv_cache_dtype = check_kv_cache_dtype(kv_cache_dtype)
+        if self.kv_cache_dtype and page_size not in QUANTIZED_PAGE_SIZES:
+            raise ValueError(f"page_size={page_size} not supported with kv_cache_dtype="
+                             f"{self.kv_cache_dtype!r}: must be one of {QUANTIZED_PAGE_SIZES}")
         self.target = target
         self.cfg = target.config
         self.ops = get_ops(backend)
@@ -84,7 +89,8 @@ class Engine:
         fill = float("nan") if poison else 0.0
         c = self.cfg
         self.target_cache = make_paged_cache(c.num_layers, c.num_kv_heads, self.num_pages,
-                                             page_size, c.head_dim, target.dtype, fill)
+                                             page_size, c.head_dim, target.dtype, fill,
+                                             kv_cache_dtype=self.kv_cache_dtype)
         self._gt, self._st = nnx.split(target)
         # host state per slot
         self.slot_len = np.zeros(max_batch, np.int64)          # committed length L

@@ -11,6 +11,7 @@ from models.config import check_draft_fits_target
 from models.decoding.engine import Engine
 from models.draft import DraftModel
 from models.kv_cache import make_context_cache
+from pallas_ops.block.validation import QUANT_CACHE_ROW_MULTIPLE
 from models.target import TargetModel
 
 
@@ -20,6 +21,12 @@ class SpeculativeDecoder(Engine):
     block_size defaults to the draft config's (the size it was trained for; a different one runs
     but drafts worse). max_seq_len bounds prompt + max_new_tokens; the caches hold block_size
     positions more (the verify block is written past the committed length).
+
+    `kv_cache_dtype`: None (caches in the model dtype) or int8 / float8_e4m3fn / float8_e5m2:
+    ONE option for both halves of the dual cache, the target's KV pages and the draft's context
+    cache (8-bit values, an f32 scale per KV head and token; `models.kv_cache`). Verification
+    stays exact: greedy speculative output equals greedy autoregressive output over the same
+    cache dtype (the target reads the same quantized cache either way).
 
     `proposal_override` (tests, experiments): a callable (request index, tokens generated so
     far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
@@ -35,7 +42,8 @@ class SpeculativeDecoder(Engine):
     def __init__(self, target: TargetModel, draft: DraftModel, *, max_batch: int,
                  max_seq_len: int, page_size: int = 16, backend: str = "xla",
                  prefill_chunk: int = 256, num_pages: int | None = None, poison: bool = False,
-                 block_size: int | None = None, proposal_override: Callable | None = None):
+                 block_size: int | None = None, proposal_override: Callable | None = None,
+                 kv_cache_dtype=None):
         if not isinstance(draft, DraftModel):
             raise TypeError(f"draft must be a DraftModel, got {type(draft).__name__}")
         check_draft_fits_target(draft.config, target.config)
@@ -48,16 +56,19 @@ class SpeculativeDecoder(Engine):
         self.feature_layers = tuple(draft.config.target_layer_ids)
         super().__init__(target, max_batch=max_batch, max_seq_len=max_seq_len,
                          page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
-                         num_pages=num_pages, poison=poison)
+                         num_pages=num_pages, poison=poison, kv_cache_dtype=kv_cache_dtype)
         self.draft = draft
         self._gd, self._sd = nnx.split(draft)
         d = draft.config
         # capacity: every committed position plus one block; a multiple of 16 rows (the Pallas
         # kernels move cache rows in whole (8|16, 128) HBM tiles)
-        self.max_ctx = -(-(max_seq_len + self.block_size) // 16) * 16
+        rows = QUANT_CACHE_ROW_MULTIPLE if self.kv_cache_dtype else 16   # 8-bit: (32, 128) tiles
+        self.max_ctx = -(-(max_seq_len + self.block_size) // rows) * rows
+        # kv_cache_dtype: one option for both caches (the target's pages and this context cache)
         self.draft_cache = make_context_cache(d.num_layers, max_batch, d.num_kv_heads,
                                               self.max_ctx, d.head_dim, draft.dtype,
-                                              float("nan") if poison else 0.0)
+                                              float("nan") if poison else 0.0,
+                                              kv_cache_dtype=self.kv_cache_dtype)
         self.proposal_override = proposal_override
 
     def _step_fn(self, greedy: bool, override: bool):
