@@ -97,6 +97,7 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     per_pos, hist = acceptance_by_position(sp.acceptance_lengths, bs)
     return dict(
         ar=ar, spec=sp, block_size=bs, identical=ar.tokens == sp.tokens,
+        differing_prompts=sum(a != b for a, b in zip(ar.tokens, sp.tokens)),
         tau=sp.mean_acceptance,
         tau_per_prompt=[float(np.mean(a)) if a else float("nan") for a in sp.acceptance_lengths],
         acceptance_by_position=per_pos, acceptance_length_hist=hist,

@@ -67,8 +67,14 @@ def main(argv=None):
                      ar_result=ar_result, repeats=args.repeats,
                      kv_cache_dtype=args.kv_cache_dtype)
         ar_result = (r["ar"], r["ar_seconds"])
-        if not r["identical"]:
+        if not r["identical"] and args.kv_cache_dtype is None:
             raise SystemExit(f"bs {bs}: speculative output differs from autoregressive decoding")
+        if not r["identical"]:
+            # 8-bit caches: K/V of a token computed in a verify block and in a decode step differ
+            # in the last float bits (different reduction shapes); rounding to 8 bits can turn
+            # that into a different value, which can flip a near-tie argmax later. Reported.
+            print(f"bs {bs}: {r['differing_prompts']} of {len(prompts)} outputs differ from "
+                  f"autoregressive decoding over the same {args.kv_cache_dtype} cache", flush=True)
         row = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in r.items()
                if k not in ("ar", "spec")}
         row.update(block_size=bs, trained_block_size=draft.config.block_size,
@@ -101,9 +107,14 @@ def main(argv=None):
                   + f" | {r['ar_tok_s']:.0f} | {r['spec_tok_s']:.0f} | {r['speedup']:.2f}x | "
                   f"{r['ar_ms_per_step']:.1f} / {r['spec_ms_per_step']:.1f} |")
     md.append("")
-    md.append(f"Backend {args.backend} on {os.cpu_count()} CPU cores; greedy; {args.prompt_len}-"
-              f"byte prompts from held-out stdlib files, {args.max_new_tokens} new bytes each; "
-              "outputs identical to autoregressive decoding (checked).")
+    differ = sum(r["differing_prompts"] for r in rows)
+    check = ("outputs identical to autoregressive decoding (checked)" if not differ else
+             f"{differ} outputs differ from autoregressive decoding over the same "
+             f"{args.kv_cache_dtype} cache (last-bit K/V differences rounded to 8 bits)")
+    cache = f"; {args.kv_cache_dtype} KV caches" if args.kv_cache_dtype else ""
+    md.append(f"Backend {args.backend} on {os.cpu_count()} CPU cores; greedy{cache}; "
+              f"{args.prompt_len}-byte prompts from held-out stdlib files, {args.max_new_tokens} "
+              f"new bytes each; {check}.")
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(md) + "\n")
     print("\n".join(md))

@@ -1,8 +1,15 @@
 """8-bit KV caches in the decoder (`kv_cache_dtype`): one option for the target's pages and the
 draft's context cache. Verification reads the same quantized target cache as autoregressive
-decoding, so greedy speculative output must equal greedy autoregressive output over the same
-cache dtype, token for token (xla backend for full runs, interpreted Pallas for a few steps),
-and sampling gives the same tokens for the same seeds. Bad options are refused up front.
+decoding, so greedy speculative output equals greedy autoregressive output over the same cache
+dtype, token for token (xla backend for full runs, interpreted Pallas for a few steps), and
+sampling gives the same tokens for the same seeds, whenever both decoders store the same K/V.
+
+They store the same bits by construction with a ONE-layer target: its K/V are row-wise functions
+of the token embeddings. From the second layer on, a token's K/V depend on attention computed in
+a verify block or in a one-token step, which differ in the last float bits; rounding to 8 bits
+can turn that into a different stored value and, rarely, a different greedy token (1 of 200 demo
+prompts; `bench.e2e --kv-cache-dtype`). So the equality tests use a one-layer target; the
+three-layer one checks the cache layout and a short fixed run.
 """
 from __future__ import annotations
 
@@ -19,9 +26,12 @@ from models.target import TargetModel
 from models.testing import OracleProposer, perturb_norms, tiny_draft_config, tiny_target_config
 
 CACHE_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
-TCFG = tiny_target_config()
+TCFG = tiny_target_config(num_layers=1)
 TARGET = perturb_norms(TargetModel(TCFG, rngs=nnx.Rngs(0)), seed=1)
 DRAFT = perturb_norms(DraftModel(tiny_draft_config(TCFG), rngs=nnx.Rngs(2)), seed=3)
+TCFG3 = tiny_target_config()
+TARGET3 = perturb_norms(TargetModel(TCFG3, rngs=nnx.Rngs(4)), seed=5)
+DRAFT3 = perturb_norms(DraftModel(tiny_draft_config(TCFG3), rngs=nnx.Rngs(6)), seed=7)
 MAX_BATCH, MAX_TOTAL = 4, 48
 
 
@@ -71,7 +81,10 @@ def test_oracle_draft_all_accepted_and_sampling_same_seeds(dtype):
 
 
 def test_the_cache_really_is_8_bit():
-    dec = _spec("int8")
+    dec = SpeculativeDecoder(TARGET3, DRAFT3, max_batch=MAX_BATCH, max_seq_len=MAX_TOTAL,
+                             page_size=16, backend="xla", prefill_chunk=32, block_size=8,
+                             poison=True, kv_cache_dtype="int8")
+    assert len(dec.target_cache) == 3 and len(dec.draft_cache) == 2
     k, v, ks, vs = dec.target_cache[0]
     assert k.dtype == np.int8 and v.dtype == np.int8 and ks.shape == k.shape[:-1]
     kc, vc, kcs, vcs = dec.draft_cache[0]
@@ -80,6 +93,11 @@ def test_the_cache_really_is_8_bit():
     assert len(plain.target_cache[0]) == 2 and plain.target_cache[0][0].dtype == TARGET.dtype
     # distinct buffers (the step functions donate each one)
     assert len({id(a) for a in dec.target_cache[0]}) == 4
+    # a short run on three layers: the decoder runs and agrees with AR on these prompts
+    prompts = [[5, 9, 2, 33, 7], [41, 1, 17]]
+    want = generate_autoregressive(TARGET3, prompts, max_new_tokens=12, max_batch=MAX_BATCH,
+                                   max_seq_len=MAX_TOTAL, backend="xla", kv_cache_dtype="int8")
+    assert dec.generate(prompts, max_new_tokens=12).tokens == want.tokens
 
 
 def test_pallas_backend_a_few_steps_matches_xla():

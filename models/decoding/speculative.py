@@ -25,8 +25,11 @@ class SpeculativeDecoder(Engine):
     `kv_cache_dtype`: None (caches in the model dtype) or int8 / float8_e4m3fn / float8_e5m2:
     ONE option for both halves of the dual cache, the target's KV pages and the draft's context
     cache (8-bit values, an f32 scale per KV head and token; `models.kv_cache`). Verification
-    stays exact: greedy speculative output equals greedy autoregressive output over the same
-    cache dtype (the target reads the same quantized cache either way).
+    stays exact with respect to the target reading that cache: greedy DFlash output equals greedy
+    autoregressive output over the same cache dtype whenever both write the same K/V bits. They
+    may not: a token's K/V computed inside a verify block and in a one-token decode step differ
+    in the last float bits (other reduction shapes), which an 8-bit rounding can turn into a
+    different stored value (1 of 200 demo prompts diverges late; f32 / bf16 caches absorb it).
 
     `proposal_override` (tests, experiments): a callable (request index, tokens generated so
     far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
