@@ -21,8 +21,9 @@ Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbi
   gives every row a finite running max before any context tile, then the context tiles; the block
   K/V are never concatenated onto the cache in HBM.
 - Only the tile straddling ctx_len and a sliding window's edge tile run the masked path, in
-  512-row sub-tiles holding visible keys only (a 300-row context computes 512 rows, not a
-  whole tile); every other tile does no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
+  512-row sub-tiles (the largest multiple of 128 up to 512 dividing ctx_tile) holding visible
+  keys only (a 300-row context computes 512 rows, not a whole tile); every other tile does no
+  masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
   below ctx_len (so at most DMA_CHUNK - 1 rows past ctx_len are ever read, never past S_max);
   DMA offsets stay aligned to the (8|16, 128) HBM tiling.
 
@@ -199,7 +200,8 @@ def _attend(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, o_ref, kbuf, vb
     """The kernel body; `scales` is None for a bf16/f32 cache (refs: see the two kernels)."""
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
-    SUB = min(MASKED_SUBTILE, tile)
+    # Masked-path sub-tile: the largest multiple of 128 rows up to MASKED_SUBTILE dividing the tile.
+    SUB = max(d for d in range(128, min(MASKED_SUBTILE, tile) + 1, 128) if tile % d == 0)
     # First KV head of the step; a static 0 when one step holds every head (Mosaic then knows
     # the offset is tile-aligned: bf16 scales need an even head offset).
     h0 = 0 if hb == kc_hbm.shape[1] else pl.program_id(0) * hb
