@@ -41,7 +41,13 @@ class BlockAttentionShape:
     num_q_heads: int = 32
     num_kv_heads: int = 8
     head_dim: int = 128
-    dtype: str = "bfloat16"
+    dtype: str = "bfloat16"           # q, the block's K/V, the output (and a plain cache)
+    cache_dtype: str | None = None    # a quantized context cache: int8 / float8_e4m3fn / ...
+    scale_dtype: str = "float32"      # ... and its per (KV head, token) scales
+
+    @property
+    def quantized(self) -> bool:
+        return self.cache_dtype is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +90,12 @@ BLOCK_ATTENTION: list[BlockAttentionShape] = [
 ] + [
     BlockAttentionShape(f"llama31-drafter-b{b}-bs10-ctx{ctx}", b, 10, ctx, max(8192, ctx))
     for b in (1, 32) for ctx in (512, 2048, 8192, 32768)
+] + [
+    # The Qwen3 drafter's context cache quantized (1-byte values, f32 scales per KV head and
+    # token), beside the bf16 rows of the same name without the suffix.
+    BlockAttentionShape(f"qwen3-8b-drafter-b32-bs16-ctx{ctx}-{tag}", 32, 16, ctx, 8192,
+                        cache_dtype=cache_dtype)
+    for ctx in (2048, 8192) for tag, cache_dtype in (("int8", "int8"), ("fp8", "float8_e4m3fn"))
 ]
 
 VERIFY_ACCEPT: list[VerifyAcceptShape] = [

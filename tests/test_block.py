@@ -158,6 +158,18 @@ def test_kernel_sm_scale_and_longer_tiles():
     check_against_reference(out, args, dtype=jnp.float32, sm_scale=0.3)
 
 
+@pytest.mark.parametrize("tile", [640, 768])
+def test_tile_not_a_multiple_of_the_masked_subtile(tile):
+    # The masked path's sub-tiles must divide the tile: 512-row sub-tiles of a 640-row tile
+    # straddling ctx_len read rows 640..1023 of a 640-row buffer.
+    shape = dict(B=1, bs=4, Hq=2, Hkv=1, D=64, S_max=768, ctx_lens=[tile - 40],
+                 dtype=jnp.float32)
+    args = make_inputs(13, **shape)
+    out = block_attention(*args, block_sizes=BlockAttentionBlockSizes(ctx_tile=tile,
+                                                                      kv_heads_per_step=1))
+    check_against_reference(out, args, dtype=jnp.float32)
+
+
 def test_window_interior_tile_runs_unmasked_and_default_block_sizes():
     # W=200, ctx 384, bs 4, 128-row tiles: tile 0 is left of the window (not read), tile 1
     # reaches the window's edge (masked), tile 2 is fully visible to every row (unmasked path).

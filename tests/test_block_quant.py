@@ -38,6 +38,13 @@ SCALE_DTYPES = ("float32", "bfloat16")
 TOL = {"float32": dict(rtol=1e-5, atol=1e-5), "bfloat16": dict(rtol=2e-2, atol=2e-2)}
 NP = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 SMALL = BlockAttentionBlockSizes(ctx_tile=128, kv_heads_per_step=2)
+THOROUGH = os.environ.get("PALLAS_DFLASH_PROFILE", "ci") == "thorough"
+
+
+def examples(ci: int) -> int:
+    """Hypothesis examples: `ci` under the ci profile (interpreted kernels are slow), the
+    thorough profile's own count under PALLAS_DFLASH_PROFILE=thorough."""
+    return settings.default.max_examples if THOROUGH else ci
 
 
 # NaN encodings (all of them for fp8, quiet NaNs with random payloads for the scales): what the
@@ -75,10 +82,11 @@ def quantized_cache(rng, B, Hkv, S_max, D, ctx_lens, cache_dtype, scale_dtype):
     x = context(rng, (B, Hkv, S_max, D))
     x[rng.random((B, Hkv, S_max)) < 0.03] = 0.0      # scale 0, values 0
     values, scales = rquant.quantize(x, cache_dtype, scale_dtype=scale_dtype)
+    prng = np.random.default_rng(rng.integers(1 << 32))   # the same x for every dtype
     for b in range(B):
-        values[b, :, ctx_lens[b]:] = poison_values(rng, values[b, :, ctx_lens[b]:].shape,
+        values[b, :, ctx_lens[b]:] = poison_values(prng, values[b, :, ctx_lens[b]:].shape,
                                                    cache_dtype)
-        scales[b, :, ctx_lens[b]:] = poison_scales(rng, scales[b, :, ctx_lens[b]:].shape,
+        scales[b, :, ctx_lens[b]:] = poison_scales(prng, scales[b, :, ctx_lens[b]:].shape,
                                                    scale_dtype)
     return x, values, scales
 
@@ -149,7 +157,7 @@ def kernel_case(draw):
 
 
 @given(kernel_case(), st.integers(0, 2**31 - 1))
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 def test_kernel_matches_dequantized_reference(case, seed):
     shape, window, block_sizes = case
     args, _ = make_inputs(seed, **shape)
@@ -185,7 +193,7 @@ def xla_case(draw):
 
 
 @given(xla_case(), st.integers(0, 2**31 - 1))
-@settings(max_examples=8)
+@settings(max_examples=examples(8))
 def test_xla_matches_dequantized_reference(case, seed):
     shape, window = case
     args, _ = make_inputs(seed, **shape)
@@ -397,7 +405,7 @@ def test_append_then_attend(cache_dtype, scale_dtype, new_dtype):
 
 
 @given(st.data())
-@settings(max_examples=4)
+@settings(max_examples=examples(4))
 def test_append_property(data):
     B = data.draw(st.integers(1, 3))
     S_max = data.draw(st.sampled_from([32, 64, 160]))
@@ -548,8 +556,7 @@ def test_compiles_for_tpu(chip, cache_dtype):
     would be refused) and kv_heads_per_step=1 (bf16 scales need head pairs: odd head offsets
     are refused)."""
     cases = [(32, 8192, jnp.float32, None, None)]
-    if (chip, cache_dtype) == ("v5p", "float8_e4m3fn") or \
-            os.environ.get("PALLAS_DFLASH_PROFILE", "ci") == "thorough":
+    if (chip, cache_dtype) == ("v5p", "float8_e4m3fn") or THOROUGH:
         cases.append((8, 8224, jnp.bfloat16, 2048, BlockAttentionBlockSizes(kv_heads_per_step=1)))
     for B, S_max, scale_dtype, window, bsz in cases:
         compiled = aot_compile(

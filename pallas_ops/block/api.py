@@ -34,9 +34,10 @@ def block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, *, k_scales
       ctx_lens: [B] int32 in 0..S_max, valid context rows per sequence.
       k_scales, v_scales: [B, Hkv, S_max] f32 or bf16 (both the same), required for (and only
         for) a quantized cache: context key j of KV head h is k_cache[b, h, j] * k_scales[b, h, j]
-        (values likewise). Entries at or past ctx_lens[b] are never used (may be NaN). With bf16
-        scales the context tile is rounded up to a multiple of 256 rows (scale DMAs move whole
-        512-byte granules; see `pallas_ops.block.kernel`).
+        (values likewise). Entries at or past ctx_lens[b] are never used (may be NaN). bf16
+        scales pack two KV heads per 32-bit word: a grid step's heads then start at an even head
+        (kv_heads_per_step rounded up to an even divisor of Hkv; see `pallas_ops.block.kernel`
+        on the 512-byte DMA rule).
       sm_scale: softmax scale (default 1/sqrt(D)).
       sliding_window: None or W >= 1: context key j visible to block query i iff
         j > ctx_lens[b] + i - W.

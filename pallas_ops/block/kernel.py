@@ -21,8 +21,9 @@ Kernel design (one `pl.pallas_call`, grid (Hkv / heads_per_step parallel, B arbi
   gives every row a finite running max before any context tile, then the context tiles; the block
   K/V are never concatenated onto the cache in HBM.
 - Only the tile straddling ctx_len and a sliding window's edge tile run the masked path, in
-  512-row sub-tiles holding visible keys only (a 300-row context computes 512 rows, not a
-  whole tile); every other tile does no masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
+  512-row sub-tiles (the largest multiple of 128 up to 512 dividing ctx_tile) holding visible
+  keys only (a 300-row context computes 512 rows, not a whole tile); every other tile does no
+  masking. The straddling tile is fetched in DMA_CHUNK-row chunks, only those holding rows
   below ctx_len (so at most DMA_CHUNK - 1 rows past ctx_len are ever read, never past S_max);
   DMA offsets stay aligned to the (8|16, 128) HBM tiling.
 
@@ -123,8 +124,8 @@ class _Scales(NamedTuple):
     """The scale refs of a quantized cache (see the module docstring)."""
     k_hbm: object       # [B, Hkv, S_max] f32/bf16 K scales (HBM)
     v_hbm: object       # [B, Hkv, S_max] f32/bf16 V scales (HBM)
-    k_tail: object      # [B, Hkv, 128] K scales of the last partial granule, zero-padded (HBM)
-    v_tail: object      # [B, Hkv, 128] V scales of the last partial granule, zero-padded (HBM)
+    k_tail: object      # [B, Hkv, 128] K scales of the last partial granule, zero-padded (HBM),
+    v_tail: object      #   and V's; None when S_max % 128 == 0
     kbuf: object        # [2, hb, T] f32/bf16 double-buffered K scales of the context tiles
     vbuf: object        # [2, hb, T] f32/bf16 double-buffered V scales of the context tiles
 
@@ -166,7 +167,7 @@ def _quantized_block_attention_kernel(
     ks_hbm,         # [B, Hkv, S_max] f32/bf16 K scales (HBM)
     vs_hbm,         # [B, Hkv, S_max] f32/bf16 V scales (HBM)
     kst_hbm,        # [B, Hkv, 128] K scales of rows [S_max - S_max % 128, S_max), zero-padded
-                    #   (HBM; ks_hbm itself, never read, when S_max % 128 == 0)
+                    #   (HBM; None when S_max % 128 == 0, see _quantized_kernel_without_tail)
     vst_hbm,        # [B, Hkv, 128] the same for V
     # Outputs
     o_ref,          # [hb, R, D]
@@ -187,12 +188,20 @@ def _quantized_block_attention_kernel(
             l_ref, acc_ref, base_ref, scales, **kw)
 
 
+def _quantized_kernel_without_tail(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, ks_hbm,
+                                   vs_hbm, o_ref, *scratch, **kw):
+    """S_max % 128 == 0: no partial scale granule, no tail inputs (refs as above)."""
+    _quantized_block_attention_kernel(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm,
+                                      ks_hbm, vs_hbm, None, None, o_ref, *scratch, **kw)
+
+
 def _attend(ctx_lens_ref, q_ref, kb_ref, vb_ref, kc_hbm, vc_hbm, o_ref, kbuf, vbuf, sems, m_ref,
             l_ref, acc_ref, base_ref, scales, *, bs, groups, tile, s_max, window):
     """The kernel body; `scales` is None for a bf16/f32 cache (refs: see the two kernels)."""
     hb, R, _ = q_ref.shape
     BSP = kb_ref.shape[1]
-    SUB = min(MASKED_SUBTILE, tile)
+    # Masked-path sub-tile: the largest multiple of 128 rows up to MASKED_SUBTILE dividing the tile.
+    SUB = max(d for d in range(128, min(MASKED_SUBTILE, tile) + 1, 128) if tile % d == 0)
     # First KV head of the step; a static 0 when one step holds every head (Mosaic then knows
     # the offset is tile-aligned: bf16 scales need an even head offset).
     h0 = 0 if hb == kc_hbm.shape[1] else pl.program_id(0) * hb
@@ -450,6 +459,10 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, k_scale
     kw = dict(bs=bs, groups=G, tile=tile, s_max=S_max, window=window)
     blk = lambda rows: pl.BlockSpec((None, hb, rows, D), lambda g, b, cl: (b, g, 0, 0))  # noqa
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    # The scales are pinned to HBM: left to XLA, arrays this small are prefetched whole into
+    # VMEM before the call (all S_max of them, every call; the kernel's DMAs then become vector
+    # copies).
+    hbm_spec = pl.BlockSpec(memory_space=pltpu.HBM)
     tiles = [pltpu.VMEM((2, hb, tile, D), k_cache.dtype),     # kbuf
              pltpu.VMEM((2, hb, tile, D), k_cache.dtype)]     # vbuf
     state = [pltpu.VMEM((hb, R, 128), jnp.float32),           # m
@@ -460,12 +473,13 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, k_scale
         rem = S_max % DMA_CHUNK
         if rem:     # the last partial granule, zero-padded (see the module docstring)
             pad = ((0, 0), (0, 0), (0, DMA_CHUNK - rem))
-            k_tail = jnp.pad(k_scales[:, :, S_max - rem:], pad)
-            v_tail = jnp.pad(v_scales[:, :, S_max - rem:], pad)
-        else:       # no partial granule: never read, any array will do
-            k_tail, v_tail = k_scales, v_scales
-        kernel = functools.partial(_quantized_block_attention_kernel, **kw)
-        caches = (k_cache, v_cache, k_scales, v_scales, k_tail, v_tail)
+            tails = tuple(jnp.pad(x[:, :, S_max - rem:], pad) for x in (k_scales, v_scales))
+            kernel = functools.partial(_quantized_block_attention_kernel, **kw)
+        else:
+            tails = ()
+            kernel = functools.partial(_quantized_kernel_without_tail, **kw)
+        caches = (k_cache, v_cache) + tuple(
+            pltpu.with_memory_space_constraint(x, pltpu.HBM) for x in (k_scales, v_scales) + tails)
         scratch = tiles + [pltpu.VMEM((2, hb, tile), scale_dtype),   # ksbuf
                            pltpu.VMEM((2, hb, tile), scale_dtype),   # vsbuf
                            pltpu.SemaphoreType.DMA((4, 2))] + state
@@ -480,7 +494,7 @@ def run_block_attention(q, k_block, v_block, k_cache, v_cache, ctx_lens, k_scale
             num_scalar_prefetch=1,
             grid=(Hkv // hb, B),   # head groups first: megacore splits them at B=1
             # q rows, k_block, v_block; the caches (and scales) stay in HBM
-            in_specs=[blk(R), blk(BSP), blk(BSP)] + [any_spec] * len(caches),
+            in_specs=[blk(R), blk(BSP), blk(BSP)] + [any_spec] * 2 + [hbm_spec] * (len(caches) - 2),
             out_specs=blk(R),
             scratch_shapes=scratch,
         ),
