@@ -90,10 +90,27 @@ def _paged_compare(out, expected):
     assert_attention_close(out, expected)
 
 
+def _scale_kw(args, n):
+    """8-bit shapes pass (k_scales, v_scales) after the n plain arguments."""
+    return dict(k_scales=args[n], v_scales=args[n + 1]) if len(args) == n + 2 else {}
+
+
+def _quantized_rows(shape, new):
+    """New rows as an 8-bit cache stores them (values, scales), or (new, None)."""
+    if not getattr(shape, "cache_dtype", None):
+        return new, None
+    import jax.numpy as jnp
+
+    from pallas_ops.quant import quantize
+    return quantize(new, jnp.dtype(shape.cache_dtype),
+                    scale_dtype=jnp.dtype(getattr(shape, "scale_dtype", "float32")))
+
+
 def _paged_device_check(shape, args, out):
     import jax
 
-    assert_attention_close(out, jax.jit(_paged_xla(shape))(*args))
+    fn = jax.jit(lambda *a: _paged_xla(shape)(*a[:7], **_scale_kw(a, 7)))
+    assert_attention_close(out, fn(*args))
 
 
 # --- ragged_paged_attention (jax's signature and interleaved cache) -----------------------------
@@ -149,7 +166,7 @@ def _write_device_check(shape, args, out):
     """Every new row read back from its page (exact)."""
     import jax.numpy as jnp
 
-    _, _, k_new, v_new, kv_lens, table, cu, _ = args
+    _, _, k_new, v_new, kv_lens, table, cu, _ = args[:8]
     q_lens, kv = paged_mod.layout(shape)
     table = np.asarray(table)
     pages, rows = [], []
@@ -158,9 +175,12 @@ def _write_device_check(shape, args, out):
             pages.append(table[s, pos // shape.page_size])
             rows.append(pos % shape.page_size)
     pages, rows = jnp.asarray(pages), jnp.asarray(rows)
-    for pages_out, new in zip(out, (k_new, v_new)):
-        got = jnp.swapaxes(pages_out[:, pages, rows], 0, 1)          # [T, Hkv, D]
-        np.testing.assert_array_equal(_f32(got), _f32(new))
+    for i, new in enumerate((k_new, v_new)):
+        values, scales = _quantized_rows(shape, new)
+        got = jnp.swapaxes(out[i][:, pages, rows], 0, 1)             # [T, Hkv, D]
+        np.testing.assert_array_equal(_f32(got), _f32(values))
+        if scales is not None:                                       # 8-bit: out[2:] are scales
+            np.testing.assert_array_equal(_f32(out[2 + i][:, pages, rows].T), _f32(scales))
 
 
 # --- block_attention -------------------------------------------------------------------------
@@ -184,7 +204,8 @@ def _block_device_check(shape, args, out):
     import jax
 
     first = tuple(a[:1] for a in args)
-    assert_attention_close(out[:1], jax.jit(_block_xla(shape))(*first))
+    fn = jax.jit(lambda *a: _block_xla(shape)(*a[:6], **_scale_kw(a, 6)))
+    assert_attention_close(out[:1], fn(*first))
 
 
 # --- append_context --------------------------------------------------------------------------
@@ -207,8 +228,13 @@ def _append_device_check(shape, args, out):
     import jax.numpy as jnp
 
     c, n = block_mod.append_offset(shape), shape.block_size
-    for cache, new in zip(out, args[2:4]):
-        np.testing.assert_array_equal(_f32(cache[:, :, c:c + n]), _f32(jnp.swapaxes(new, 1, 2)))
+    for i, new in enumerate(args[2:4]):
+        values, scales = _quantized_rows(shape, new)                 # [B, n, Hkv, D]
+        np.testing.assert_array_equal(_f32(out[i][:, :, c:c + n]),
+                                      _f32(jnp.swapaxes(values, 1, 2)))
+        if scales is not None:
+            np.testing.assert_array_equal(_f32(out[2 + i][:, :, c:c + n]),
+                                          _f32(jnp.swapaxes(scales, 1, 2)))
 
 
 # --- verify_accept ---------------------------------------------------------------------------
