@@ -76,7 +76,7 @@ def resolved_block_sizes(shape, chip: str):
     from pallas_ops.paged.block_sizes import resolve
 
     q_lens, _ = layout(shape)
-    from pallas_ops.paged.kernel import scale_page_align
+    from pallas_ops.paged.call import scale_page_align
 
     align = scale_page_align(shape.page_size) if shape.cache_dtype else 1
     return resolve(block_sizes(), chip=chip, num_tokens=sum(q_lens), max_seqs=shape.num_seqs,

@@ -3,8 +3,10 @@
     api.py          paged_attention: the public wrapper (static checks, block-size choice)
     ragged.py       ragged_paged_attention: a drop-in for jax's kernel of that name (its
                     signature and interleaved cache layout), the same kernel
-    kernel.py       the pl.pallas_call and its kernel body (both cache layouts)
-    layout.py       the two cache layouts: how pages are DMA'd and K/V of a head read
+    kernel.py       the kernel bodies (every cache layout share one attention body)
+    call.py         the pl.pallas_call: q packing, work list, 8-bit scale layout
+    layout.py       the cache layouts (K/V split, 8-bit split with scales, jax's interleaved):
+                    how pages are DMA'd and K/V of a head read
     plan.py         the work list (which pages each q block needs) and the VMEM budget
     write.py        write_kv_pages: the page-wise read-modify-write kernel
     xla.py          plain-jnp twins of both (same contract, fast on CPU)

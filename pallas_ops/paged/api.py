@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from pallas_ops.chips import CHIPS, current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged.block_sizes import resolve
-from pallas_ops.paged.kernel import run_paged_attention, scale_page_align
+from pallas_ops.paged.call import run_paged_attention, scale_page_align
 from pallas_ops.paged.layout import QUANT_SPLIT, SPLIT
 from pallas_ops.quant import is_quantized
 from pallas_ops.paged.validation import check_paged_attention_inputs, check_static_attention

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pallas_ops.chips import CHIPS, current_chip
 from pallas_ops.execution import resolve_interpret
 from pallas_ops.paged.block_sizes import PagedAttentionBlockSizes, default_block_sizes, resolve
-from pallas_ops.paged.kernel import run_paged_attention
+from pallas_ops.paged.call import run_paged_attention
 from pallas_ops.paged.layout import INTERLEAVED
 from pallas_ops.paged.validation import check_ragged_paged_attention_inputs, check_static_ragged
 
