@@ -74,6 +74,8 @@ T_SHARDED = "tests/test_multi_device.py"
 T_RAGGED = "tests/test_ragged.py"
 T_TRAINED = "tests/test_models_train.py::test_shipped_checkpoints_load_and_decode"
 
+T_PQ = "tests/test_paged_quant.py::test_kernel_matches_reference_over_dequantized_cache"
+
 MUTANTS: list[Mutant] = [
     # ---------------------------------------------------------------- paged attention kernel
     M("paged-causal-diagonal", "pallas_ops/paged/kernel.py",
@@ -182,8 +184,8 @@ MUTANTS: list[Mutant] = [
       "row_pos = kv_lens[chunk_seq][:, None] - cu_q_lens[chunk_seq + 1][:, None] + rows + 1",
       "xla twin: query positions one too far", T_PAGED_XLA, T_PAGED),
     M("paged-xla-write-padding", "pallas_ops/paged/xla.py",
-      "page = jnp.where(valid, page, geo.total_pages)       # out of range: dropped",
-      "page = page",
+      "page = jnp.where(valid, page_indices[seq, slot], total_pages)",
+      "page = page_indices[seq, slot]",
       "xla twin: padding rows past cu_q_lens[num_seqs] are written too", T_PAGED_XLA, T_PAGED),
     M("paged-xla-needed-pages", "pallas_ops/paged/xla.py",
       "needed = (slot[None, :] * ps < kv_lens[:, None])",
@@ -449,6 +451,44 @@ MUTANTS: list[Mutant] = [
     M("allocator-pages-for", "models/page_allocator.py",
       "return -(-num_tokens // self.page_size)", "return num_tokens // self.page_size",
       "pages for n tokens rounded down", T_DECODE),
+    # ---------------------------------------------------------------- 8-bit caches, sinks
+    M("paged-quant-no-k-scale", "pallas_ops/paged/kernel.py",
+      "                s = s * k_scale", "                s = s * 1.0",
+      "8-bit K: the per-key scale never multiplies the scores", T_PQ),
+    M("paged-quant-no-v-scale", "pallas_ops/paged/kernel.py",
+      "pv_p = p if v_scale is None else p * v_scale", "pv_p = p",
+      "8-bit V: the per-key scale never multiplies p", T_PQ),
+    M("paged-quant-v-scale-unmasked", "pallas_ops/paged/layout.py",
+      "self.vs_buf[slot] = jnp.where((lane >= begin) & (lane < end), vs, 0.0)",
+      "self.vs_buf[slot] = jnp.where(lane >= begin, vs, 0.0)",
+      "8-bit tail blocks keep the (NaN) V scales past kv_len", T_PQ),
+    M("paged-quant-window-unaligned", "pallas_ops/paged/plan.py",
+      "first_page = first_key // page_size // page_align * page_align",
+      "first_page = first_key // page_size",
+      "8-bit blocks start off the 128-key scale granule under a sliding window", T_PQ),
+    M("paged-sink-sum", "pallas_ops/paged/kernel.py",
+      "l_ref[...] = jnp.ones(l_ref.shape, jnp.float32)",
+      "l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)",
+      "the sink's exp(sink - m) left out of the denominator",
+      "tests/test_paged_quant.py::test_sinks_limits"),
+    M("paged-xla-sink", "pallas_ops/paged/xla.py",
+      "denom = denom + jnp.exp(sink - m)", "denom = denom + 0.0 * jnp.exp(sink - m)",
+      "xla twin: the sink missing from the denominator",
+      "tests/test_paged_quant.py::test_every_cache_dtype_and_sinks_on_a_plain_cache"),
+    M("paged-write-scales", "pallas_ops/paged/write.py",
+      'k_scales = k_scales.at[:, page, row].set(ksc.T, mode="drop")',
+      'k_scales = k_scales.at[:, page, row].set(ksc.T * 2, mode="drop")',
+      "write_kv_pages stores the wrong K scales",
+      "tests/test_paged_quant.py::test_write_then_attend"),
+    M("block-quant-no-k-scale", "pallas_ops/block/kernel.py",
+      "tile_scales(slot, h, slice(None))\n                s = s * ks",
+      "tile_scales(slot, h, slice(None))\n                s = s * 1.0",
+      "8-bit draft context: the K scale never multiplies the full-tile scores",
+      "tests/test_block_quant.py::test_kernel_matches_dequantized_reference"),
+    M("block-quant-no-v-scale", "pallas_ops/block/kernel.py",
+      "        pw = p * v_scale", "        pw = p",
+      "8-bit draft context: the V scale never multiplies p",
+      "tests/test_block_quant.py::test_kernel_matches_dequantized_reference"),
 ]
 
 
