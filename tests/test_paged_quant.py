@@ -395,3 +395,34 @@ def test_plain_cache_with_sinks_and_quantized_write_compile_for_tpu(chip):
         k, v, kn, vn, *m, k_scales=ks, v_scales=vs, interpret=False),
         k, v, ks, vs, new, new, kv_lens, table, cu, n, chip=chip)
     assert "dflash_write_kv_pages" in compiled.as_text()
+
+
+@settings(max_examples=examples(20))
+@given(page_size=st.sampled_from([16, 32, 64, 128]), window=st.integers(1, 600),
+       kv_len=st.integers(1, 1024), q_len=st.integers(1, 16), kv_tokens=st.sampled_from(
+           [128, 512, 2048]))
+def test_8bit_kv_blocks_start_on_scale_granules(page_size, window, kv_len, q_len, kv_tokens):
+    # On a TPU the kernel DMAs a KV block's scales from key first_page * page_size as one
+    # 128-key-aligned lane run (it tells Mosaic so with pl.multiple_of): the work list must
+    # round a window's first page down to a granule, and blocks must hold whole granules.
+    # (The interpreter ignores alignment: this is checked on the plan itself.)
+    from pallas_ops.paged.block_sizes import resolve
+    from pallas_ops.paged.call import SCALE_LANES, scale_page_align
+    from pallas_ops.paged.plan import work_list
+
+    q_len = min(q_len, kv_len)
+    pps = -(-kv_len // page_size)
+    align = scale_page_align(page_size)
+    bs = resolve(B(kv_tokens=kv_tokens), chip="v5p", num_tokens=q_len, max_seqs=1,
+                 num_kv_heads=8, group=4, page_size=page_size, pages_per_seq=pps,
+                 page_align=align, quantized=True)
+    assert bs.pages_per_block == pps or bs.pages_per_block % align == 0
+    _, _, first_page, num_pages, _, _ = (np.asarray(a) for a in work_list(
+        jnp.array([kv_len], jnp.int32), jnp.array([0, q_len], jnp.int32), jnp.int32(1),
+        num_q_blocks=1, q_tokens=max(q_len, 1), page_size=page_size,
+        pages_per_block=bs.pages_per_block, sliding_window=window, page_align=align))
+    start = int(first_page[0]) * page_size
+    assert start % SCALE_LANES == 0 or page_size >= SCALE_LANES
+    # still covers every key the first query sees
+    assert start <= max(0, kv_len - q_len - window + 1)
+    assert (int(first_page[0]) + int(num_pages[0])) * page_size >= kv_len
