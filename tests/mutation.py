@@ -237,7 +237,7 @@ MUTANTS: list[Mutant] = [
     M("block-exp2-rescale", "pallas_ops/block/kernel.py",
       "alpha = jnp.exp2(m_prev - m_new)", "alpha = jnp.exp(m_prev - m_new)",
       "online-softmax rescale in base e while scores are in base 2", T_BLOCK),
-    M("block-log2e-scale", "pallas_ops/block/kernel.py",
+    M("block-log2e-scale", "pallas_ops/block/call.py",
       "qs = (q.astype(jnp.float32) * (scale * math.log2(math.e))).astype(dtype)",
       "qs = (q.astype(jnp.float32) * scale).astype(dtype)",
       "q not pre-scaled by log2(e) for the base-2 softmax", T_BLOCK),

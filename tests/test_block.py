@@ -221,17 +221,23 @@ def test_append_then_attend(dtype):
     check_against_reference(out, new_args, dtype=dtype)
 
 
-@given(st.data())
-@settings(max_examples=6)
-def test_append_property(data):
-    B = data.draw(st.integers(1, 4))
-    S_max = data.draw(st.sampled_from([16, 40, 128, 136]))
+def draw_append_lengths(data, B, S_max):
+    """(n_max, ctx [B], n_new [B]) with ctx + n_new <= S_max: what append_context may be given."""
     n_max = data.draw(st.integers(1, min(S_max, 40)))
     ctx, n_new = [], []
     for _ in range(B):
         n = data.draw(st.integers(0, n_max))
         ctx.append(data.draw(st.integers(0, S_max - n)))
         n_new.append(n)
+    return n_max, ctx, n_new
+
+
+@given(st.data())
+@settings(max_examples=6)
+def test_append_property(data):
+    B = data.draw(st.integers(1, 4))
+    S_max = data.draw(st.sampled_from([16, 40, 128, 136]))
+    n_max, ctx, n_new = draw_append_lengths(data, B, S_max)
     dtype = data.draw(st.sampled_from([jnp.float32, jnp.bfloat16]))
     args, k_new, v_new, ctx, n_new = _append_inputs(
         data.draw(st.integers(0, 1000)), dtype, B=B, Hkv=data.draw(st.sampled_from([1, 2])),

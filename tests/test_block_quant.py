@@ -31,6 +31,7 @@ from pallas_ops.block import xla as bax
 from pallas_ops.execution import race_check_params, races_found
 from reference import block as ref
 from reference import quant as rquant
+from tests.test_block import draw_append_lengths
 from tests.tpu_harness import CHIPS_UNDER_TEST, aot_compile
 
 CACHE_DTYPES = ("int8", "float8_e4m3fn", "float8_e5m2")
@@ -409,12 +410,7 @@ def test_append_then_attend(cache_dtype, scale_dtype, new_dtype):
 def test_append_property(data):
     B = data.draw(st.integers(1, 3))
     S_max = data.draw(st.sampled_from([32, 64, 160]))
-    n_max = data.draw(st.integers(1, min(S_max, 40)))
-    ctx, n_new = [], []
-    for _ in range(B):
-        n = data.draw(st.integers(0, n_max))
-        ctx.append(data.draw(st.integers(0, S_max - n)))
-        n_new.append(n)
+    n_max, ctx, n_new = draw_append_lengths(data, B, S_max)
     cache, new, ctx, n_new = append_inputs(
         data.draw(st.integers(0, 1000)), B=B, Hkv=data.draw(st.sampled_from([1, 2])), D=64,
         S_max=S_max, n_max=n_max, ctx=ctx, n_new=n_new,

@@ -317,22 +317,28 @@ def test_agrees_with_jax_bundled_paged_attention_on_decode():
 # write_kv_pages
 # ------------------------------------------------------------------------------------------------
 
+def new_token_slots(case: Case):
+    """(q row, page, row in page) of every sequence's last q_len tokens (the new ones)."""
+    ps = case.geo.page_size
+    for s, q_len in enumerate(case.q_lens):
+        for i in range(q_len):
+            pos = case.kv_lens[s] - q_len + i
+            yield case.cu_q_lens[s] + i, case.page_indices[s, pos // ps], pos % ps
+
+
 def _split_new_tokens(case: Case):
     """Moves each sequence's last q_len keys/values out of the pages into k_new/v_new [T, Hkv, D]
     and poisons their slots in the pages; returns (k_pages_before, v_pages_before, k_new, v_new)."""
     geo = case.geo
-    t, hkv, d, ps = geo.num_tokens, geo.num_kv_heads, geo.head_dim, geo.page_size
+    t, hkv, d = geo.num_tokens, geo.num_kv_heads, geo.head_dim
     k_new = np.full((t, hkv, d), np.nan, case.k_pages.dtype)
     v_new = np.full((t, hkv, d), np.nan, case.v_pages.dtype)
     k_before, v_before = case.k_pages.copy(), case.v_pages.copy()
-    for s, q_len in enumerate(case.q_lens):
-        for i in range(q_len):
-            pos = case.kv_lens[s] - q_len + i
-            page, row = case.page_indices[s, pos // ps], pos % ps
-            k_new[case.cu_q_lens[s] + i] = case.k_pages[:, page, row]
-            v_new[case.cu_q_lens[s] + i] = case.v_pages[:, page, row]
-            k_before[:, page, row] = np.nan
-            v_before[:, page, row] = np.nan
+    for t_row, page, row in new_token_slots(case):
+        k_new[t_row] = case.k_pages[:, page, row]
+        v_new[t_row] = case.v_pages[:, page, row]
+        k_before[:, page, row] = np.nan
+        v_before[:, page, row] = np.nan
     return k_before, v_before, k_new, v_new
 
 

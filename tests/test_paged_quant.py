@@ -26,7 +26,7 @@ from pallas_ops.paged import PagedAttentionBlockSizes, paged_attention, write_kv
 from pallas_ops.paged.xla import paged_attention_xla, write_kv_pages_xla
 from reference import paged as ref
 from reference import quant as rquant
-from tests.test_paged import Geometry, examples, make_case, ragged_batches
+from tests.test_paged import Geometry, examples, make_case, new_token_slots, ragged_batches
 from tests.tpu_harness import CHIPS_UNDER_TEST, aot_compile
 
 B = PagedAttentionBlockSizes
@@ -234,20 +234,17 @@ def _split_new_tokens(qc: QCase):
     """The new tokens' float K/V [T, Hkv, D] (from the float case), and the 8-bit cache with
     their slots poisoned (NaN scales, arbitrary values)."""
     c, geo = qc.case, qc.case.geo
-    t, hkv, d, ps = geo.num_tokens, geo.num_kv_heads, geo.head_dim, geo.page_size
+    t, hkv, d = geo.num_tokens, geo.num_kv_heads, geo.head_dim
     k_new = np.full((t, hkv, d), np.nan, np.float32)
     v_new = np.full((t, hkv, d), np.nan, np.float32)
     before = [a.copy() for a in (qc.k_pages, qc.v_pages, qc.k_scales, qc.v_scales)]
-    for s, q_len in enumerate(c.q_lens):
-        for i in range(q_len):
-            pos = c.kv_lens[s] - q_len + i
-            page, row = c.page_indices[s, pos // ps], pos % ps
-            k_new[c.cu_q_lens[s] + i] = c.k_pages[:, page, row]
-            v_new[c.cu_q_lens[s] + i] = c.v_pages[:, page, row]
-            for a in before[:2]:      # garbage a missed write would leave behind
-                a[:, page, row] = 77 if a.dtype == np.int8 else np.nan
-            for a in before[2:]:
-                a[:, page, row] = np.nan
+    for t_row, page, row in new_token_slots(c):
+        k_new[t_row] = c.k_pages[:, page, row]
+        v_new[t_row] = c.v_pages[:, page, row]
+        for a in before[:2]:      # garbage a missed write would leave behind
+            a[:, page, row] = 77 if a.dtype == np.int8 else np.nan
+        for a in before[2:]:
+            a[:, page, row] = np.nan
     return before, k_new, v_new
 
 

@@ -1,7 +1,8 @@
 """Non-causal block attention over a static context cache (the DFlash draft), and `append_context`.
 
     api.py          block_attention: the public wrapper (static checks, block-size choice)
-    kernel.py       the pl.pallas_call and its kernel body
+    kernel.py       the kernel bodies (bf16 / f32 and 8-bit caches)
+    call.py         the pl.pallas_call: q packing, VMEM budget, 8-bit scale placement
     append.py       append_context: the tile-wise read-modify-write kernel
     xla.py          plain-jnp twins of both (same contract, fast on CPU)
     block_sizes.py  BlockAttentionBlockSizes and the per-generation table

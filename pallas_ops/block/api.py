@@ -1,7 +1,7 @@
 """`block_attention`: the public wrapper of the DFlash draft's block attention kernel.
 
 Static checks run here, before any kernel; block sizes come from `pallas_ops.block.block_sizes`;
-the pallas_call and its body are in `pallas_ops.block.kernel`.
+the pallas_call is in `pallas_ops.block.call`, its body in `pallas_ops.block.kernel`.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 import jax.numpy as jnp
 
 from pallas_ops.block.block_sizes import BlockAttentionBlockSizes, get_block_sizes
-from pallas_ops.block.kernel import run_block_attention
+from pallas_ops.block.call import run_block_attention
 from pallas_ops.block.validation import (CACHE_ROW_MULTIPLE, check_lengths, check_static,
                                          is_host_value)
 from pallas_ops.chips import current_chip
