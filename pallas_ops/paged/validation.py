@@ -136,6 +136,19 @@ def check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, num_tokens
     return s, int(page_indices.shape[1])
 
 
+def _check_q_heads(q, hkv, d, pages_name) -> tuple[int, int, int]:
+    """q [T, Hq, D] against a cache of hkv KV heads of head dim d: returns (T, Hq, G)."""
+    t, hq, dq = (int(x) for x in q.shape)
+    if dq != d:
+        raise ValueError(f"q head dim {dq} != {pages_name} head dim {d}")
+    if hq % hkv:
+        raise ValueError(f"q heads Hq={hq} is not a multiple of {pages_name} KV heads Hkv={hkv}")
+    g = hq // hkv
+    if g not in SUPPORTED_GROUPS:
+        raise ValueError(f"q heads per KV head G={g} not supported; supported: {SUPPORTED_GROUPS}")
+    return t, hq, g
+
+
 def check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale, soft_cap, sliding_window, k_scales=None, v_scales=None,
                            sinks=None) -> PagedGeometry:
@@ -145,14 +158,7 @@ def check_static_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     if _dtype_name(q) not in SUPPORTED_DTYPES:
         raise ValueError(f"q dtype must be one of {SUPPORTED_DTYPES}, got {_dtype_name(q)}")
     hkv, p, page_size, d = check_static_pages(k_pages, v_pages)
-    t, hq, dq = (int(s) for s in q.shape)
-    if dq != d:
-        raise ValueError(f"q head dim {dq} != k_pages head dim {d}")
-    if hq % hkv:
-        raise ValueError(f"q heads Hq={hq} is not a multiple of k_pages KV heads Hkv={hkv}")
-    g = hq // hkv
-    if g not in SUPPORTED_GROUPS:
-        raise ValueError(f"q heads per KV head G={g} not supported; supported: {SUPPORTED_GROUPS}")
+    t, hq, g = _check_q_heads(q, hkv, d, "k_pages")
     check_static_scales(k_pages, k_scales, v_scales)
     check_static_sinks(sinks, hq)
     s, pps = check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, t)
@@ -203,14 +209,7 @@ def check_static_ragged(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                          f"16 in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}]")
     if p < 1:
         raise ValueError("kv_pages must hold at least one page")
-    t, hq, dq = (int(x) for x in q.shape)
-    if dq != d:
-        raise ValueError(f"q head dim {dq} != kv_pages head dim {d}")
-    if hq % hkv:
-        raise ValueError(f"q heads Hq={hq} is not a multiple of kv_pages KV heads Hkv={hkv}")
-    g = hq // hkv
-    if g not in SUPPORTED_GROUPS:
-        raise ValueError(f"q heads per KV head G={g} not supported; supported: {SUPPORTED_GROUPS}")
+    t, hq, g = _check_q_heads(q, hkv, d, "kv_pages")
     s, pps = check_static_metadata(kv_lens, page_indices, cu_q_lens, num_seqs, t)
     if not (_is_number(sm_scale) and np.isfinite(sm_scale)):
         raise ValueError(f"sm_scale must be a finite number, got {sm_scale!r}")
