@@ -199,6 +199,8 @@ def build_parser():
         q.add_argument("--eval-every", type=int, default=250)
         q.add_argument("--eval-batches", type=int, default=4)
         q.add_argument("--save-every", type=int, default=500)
+        q.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32",
+                       help="dtype of the saved weights (training itself runs in float32)")
 
     t = sub.add_parser("target", help="pre-train a small target LM on the stdlib corpus")
     common(t, lr=2e-3, batch=16, seq_len=256, steps=2000)

@@ -26,11 +26,11 @@ def _bar(step, total, width=24):
     return "[" + "#" * n + "." * (width - n) + "]"
 
 
-def _save(model, out, log_data):
+def _save(model, out, log_data, dtype=None):
     from models.loading import save_checkpoint
 
     tmp = out.rstrip("/") + ".tmp"
-    save_checkpoint(model, tmp)
+    save_checkpoint(model, tmp, dtype=dtype)
     with open(os.path.join(tmp, "train_log.json"), "w") as f:
         json.dump(log_data, f, indent=1)
     if os.path.isdir(out):
@@ -108,12 +108,12 @@ def run(args, *, model, step_fn, eval_fn, next_batch, eval_batches, extra_eval_a
             nnx.update(model, state)
             log_data["steps_done"] = step
             log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
-            _save(model, args.out, log_data)
+            _save(model, args.out, log_data, getattr(args, "save_dtype", None))
     if args.eval_every and (not hist or hist[-1]["step"] != step):
         run_eval(step)          # the time budget can end between two logged steps
     nnx.update(model, state)
     log_data["steps_done"] = step
     log_data["train_seconds"] = round(time.perf_counter() - t_start, 1)
-    _save(model, args.out, log_data)
+    _save(model, args.out, log_data, getattr(args, "save_dtype", None))
     log(f"saved {args.out} after {log_data['train_seconds'] / 60:.1f} min")
     return model
