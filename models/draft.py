@@ -103,8 +103,8 @@ class DraftModel(nnx.Module):
             k = apply_rope(k, positions, inv)
             o = ops.block_attention(q, k, v, caches[i], ctx_lens,
                                     sliding_window=self.config.sliding_window(i))
-            h = h + layer.self_attn.output(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + ops.all_reduce(layer.self_attn.output(o))
+            h = h + ops.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
         return self.norm(h)
 
     def dense_forward(self, features, block_emb, start):

@@ -113,16 +113,17 @@ class Attention(nnx.Module):
             self.q_norm = None
             self.k_norm = None
 
+    # Head counts come from the weights (-1): under tensor parallelism a shard holds fewer heads.
     def query(self, x):
-        q = self.q_proj(x).reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+        q = self.q_proj(x).reshape(*x.shape[:-1], -1, self.head_dim)
         return self.q_norm(q) if self.q_norm is not None else q
 
     def key_value(self, x):
-        k = self.k_proj(x).reshape(*x.shape[:-1], self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(*x.shape[:-1], self.num_kv_heads, self.head_dim)
+        k = self.k_proj(x).reshape(*x.shape[:-1], -1, self.head_dim)
+        v = self.v_proj(x).reshape(*x.shape[:-1], -1, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return k, v
 
     def output(self, o):
-        return self.o_proj(o.reshape(*o.shape[:-2], self.num_heads * self.head_dim))
+        return self.o_proj(o.reshape(*o.shape[:-2], o.shape[-2] * self.head_dim))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 
+import jax
+
 BACKENDS = ("pallas", "xla")
 
 
@@ -22,6 +24,8 @@ class Ops:
                                  # (None = the current TPU, else the kernels' fallback)
     interpret: object = None     # pallas only: the kernels' `interpret=` (None = auto; False to
                                  # compile for a TPU ahead of time from a CPU host)
+    model_axis: str | None = None  # inside jax.shard_map: the mesh axis heads, MLP columns and
+                                   # the vocabulary are split over (`models.parallel`)
 
     def _chip(self):
         if self.backend != "pallas":
@@ -37,6 +41,10 @@ class Ops:
 
     def _interp(self):
         return {"interpret": self.interpret} if self.backend == "pallas" else {}
+
+    def all_reduce(self, x):
+        """The sum over the model axis of every shard's partial x (identity on one device)."""
+        return x if self.model_axis is None else jax.lax.psum(x, self.model_axis)
 
     # A layer cache is (k, v) or, 8-bit, (k, v, k_scales, v_scales): see `models.kv_cache`.
 
@@ -75,12 +83,13 @@ class Ops:
         """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""
         return self._mod("verify").verify_accept(
             logits, draft_tokens, temperature=temperature, seed=seed, position=position,
-            **self._chip())
+            vocab_axis_name=self.model_axis, **self._chip())
 
 
-def get_ops(backend: str, chip: str | None = None, interpret=None) -> Ops:
+def get_ops(backend: str, chip: str | None = None, interpret=None, model_axis=None) -> Ops:
     """The ops of `backend`; `chip` / `interpret` are passed to the Pallas kernels (e.g.
-    ``get_ops("pallas", chip="v5p", interpret=False)`` to AOT-compile for v5p on a CPU host)."""
+    ``get_ops("pallas", chip="v5p", interpret=False)`` to AOT-compile for v5p on a CPU host);
+    `model_axis`: the mesh axis of tensor parallelism, when the models run inside shard_map."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    return Ops(backend, chip, interpret)
+    return Ops(backend, chip, interpret, model_axis)

@@ -48,11 +48,21 @@ class TargetModel(nnx.Module):
                  / jnp.sqrt(cfg.hidden_size)).astype(dtype))
 
     # -- shared pieces (also used by the draft: embedding and lm_head are the target's) ----------
-    def embed(self, tokens):
-        return jnp.take(self.embed_tokens[...], tokens, axis=0)
+    def embed(self, tokens, ops=None):
+        """[..., H] embeddings. Under tensor parallelism (ops.model_axis) the table holds this
+        shard's contiguous vocabulary rows: a masked local lookup, summed over the shards."""
+        table = self.embed_tokens[...]
+        axis = getattr(ops, "model_axis", None)
+        if axis is None:
+            return jnp.take(table, tokens, axis=0)
+        local = tokens - jax.lax.axis_index(axis) * table.shape[0]
+        mine = (local >= 0) & (local < table.shape[0])
+        rows = jnp.take(table, jnp.clip(local, 0, table.shape[0] - 1), axis=0)
+        return ops.all_reduce(jnp.where(mine[..., None], rows, jnp.zeros_like(rows)))
 
     def logits(self, h):
-        """f32 logits from final-normed hidden states [..., H] -> [..., V]."""
+        """f32 logits from final-normed hidden states [..., H] -> [..., V] (under tensor
+        parallelism [..., V / n]: this shard's vocabulary columns)."""
         w = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...h,hv->...v", h, w, preferred_element_type=jnp.float32)
 
@@ -82,7 +92,7 @@ class TargetModel(nnx.Module):
            new caches).
         """
         inv = self.inv_freq()
-        h = self.embed(tokens)
+        h = self.embed(tokens, ops)
         feats = {}
         new_caches = []
         for i, layer in enumerate(self.layers):
@@ -93,8 +103,8 @@ class TargetModel(nnx.Module):
             cache = ops.write_kv_pages(caches[i], new_rows(k, caches[i]), new_rows(v, caches[i]),
                                        kv_lens, page_indices, cu_q_lens, num_seqs)
             o = ops.paged_attention(q, cache, kv_lens, page_indices, cu_q_lens, num_seqs)
-            h = h + layer.self_attn.output(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = h + ops.all_reduce(layer.self_attn.output(o))
+            h = h + ops.all_reduce(layer.mlp(layer.post_attention_layernorm(h)))
             new_caches.append(cache)
             if i in feature_layers:
                 feats[i] = self._feature(i, h)

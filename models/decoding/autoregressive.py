@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from models.decoding.engine import Engine, GenerationOutput, next_pow2
 from models.sampling import sample_tokens
@@ -17,9 +18,11 @@ class AutoregressiveDecoder(Engine):
 
     def _step_fn(self):
         gt, ops = self._gt, self.ops
-        B = self.max_batch
 
         def step(st, tcache, last, lens, order, num_seqs, page_idx, temp, seeds):
+            # per data group (one group on one device): B rows of its slots
+            B = last.shape[0]
+            num_seqs = num_seqs[0]
             target = nnx.merge(gt, st)
             live = jnp.arange(B) < num_seqs
             kv_lens = jnp.where(live, lens[order] + 1, 0)
@@ -29,19 +32,23 @@ class AutoregressiveDecoder(Engine):
             inv = jnp.argsort(order)
             logits = target.logits(h[inv])
             # logits at position lens (the fed token): the same noise key verify_accept uses
-            return sample_tokens(logits, temp, seeds, lens), tcache
-        return step
+            return sample_tokens(logits, temp, seeds, lens, vocab_axis=ops.model_axis), tcache
+        if not self.layout:
+            return step
+        st, tc, _, _ = self._specs(False)
+        d = P("data")
+        return self._sharded(step, (st, tc) + (d,) * 7, (d, tc))
 
     def _decode_step(self, active, last, temperature, seed_of, slot_req, out):
         B = self.max_batch
-        order = np.array(active + [s for s in range(B) if s not in active], np.int32)
+        order, slots, num_seqs = self._group_order(active)
         lens = np.where(np.isin(np.arange(B), active), self.slot_len, 0).astype(np.int32)
         temp = np.full(B, temperature, np.float32)
         seeds = np.array([seed_of.get(s, 0) for s in range(B)], np.int32)
         fn = self._jit("ar_step", (self._gt, B, self.backend), self._step_fn, donate=(1,))
         nxt, self.target_cache = fn(self._st, self.target_cache, last.astype(np.int32), lens,
-                                    order, np.int32(len(active)),
-                                    self.allocator.page_table[order], temp, seeds)
+                                    order, num_seqs, self.allocator.page_table[slots], temp,
+                                    seeds)
         nxt = np.asarray(nxt)
         result = {}
         for s in active:
@@ -58,26 +65,31 @@ def generate_autoregressive(target: TargetModel, prompts, *, max_new_tokens: int
                             temperature: float = 0.0, seed: int = 0, eos_token_id=None,
                             max_batch: int | None = None, max_seq_len: int | None = None,
                             page_size: int = 16, backend: str = "xla",
-                            poison: bool = False, kv_cache_dtype=None) -> GenerationOutput:
+                            poison: bool = False, kv_cache_dtype=None,
+                            mesh=None) -> GenerationOutput:
     """Plain decoding baseline over the same kernels and cache.
 
     Runs an `AutoregressiveDecoder` sized for these prompts (max_batch and max_seq_len default to
     powers of two above what the prompts need; decoders are cached per target and size, so
     repeated calls do not recompile). Same arguments and result as `SpeculativeDecoder.generate`
-    (acceptance_lengths empty). kv_cache_dtype: None or an 8-bit cache (`models.kv_cache`)."""
+    (acceptance_lengths empty). kv_cache_dtype: None or an 8-bit cache (`models.kv_cache`).
+    mesh: a `jax.sharding.Mesh` with axes "data" and "model" (`models.parallel`), or None."""
     prompts = [list(p) for p in prompts]
     if not prompts:
         raise ValueError("no prompts given")
     max_batch = max_batch or next_pow2(len(prompts))
     max_seq_len = max_seq_len or next_pow2(max(len(p) for p in prompts) + max_new_tokens)
-    key = (id(target), max_batch, max_seq_len, page_size, backend, poison, kv_cache_dtype)
+    if mesh is not None:      # a data axis splits the batch: round it up to a multiple
+        d = int(mesh.shape.get("data", 1))
+        max_batch = -(-max_batch // d) * d
+    key = (id(target), max_batch, max_seq_len, page_size, backend, poison, kv_cache_dtype, mesh)
     dec = _AR_DECODERS.get(key)
     if dec is not None and dec.target is target:
         dec.sync_weights()
     else:
         dec = AutoregressiveDecoder(target, max_batch=max_batch, max_seq_len=max_seq_len,
                                     page_size=page_size, backend=backend, poison=poison,
-                                    kv_cache_dtype=kv_cache_dtype)
+                                    kv_cache_dtype=kv_cache_dtype, mesh=mesh)
         if len(_AR_DECODERS) >= 8:
             _AR_DECODERS.pop(next(iter(_AR_DECODERS)))
         _AR_DECODERS[key] = dec

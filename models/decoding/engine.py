@@ -22,9 +22,12 @@ from flax import nnx
 
 from models.kv_cache import check_kv_cache_dtype, make_paged_cache
 from pallas_ops.paged.validation import QUANTIZED_PAGE_SIZES
+from models import parallel
+from models.parallel import check_mesh
 from models.ops import get_ops
 from models.page_allocator import PageAllocator
 from models.sampling import sample_tokens
+from jax.sharding import PartitionSpec as P
 from models.target import TargetModel
 
 UNUSED_PAGE = 2**30   # page-table filler when poison=True: a stray read of it fails loudly
@@ -62,7 +65,8 @@ class Engine:
 
     def __init__(self, target: TargetModel, *, max_batch: int, max_seq_len: int,
                  page_size: int = 16, backend: str = "xla", prefill_chunk: int = 256,
-                 num_pages: int | None = None, poison: bool = False, kv_cache_dtype=None):
+                 num_pages: int | None = None, poison: bool = False, kv_cache_dtype=None,
+                 mesh=None, abstract: bool = False):
         if not isinstance(target, TargetModel):
             raise TypeError(f"target must be a TargetModel, got {type(target).__name__}")
         for name, v in (("max_batch", max_batch), ("max_seq_len", max_seq_len),
@@ -77,7 +81,12 @@ class Engine:
                              f"{self.kv_cache_dtype!r}: must be one of {QUANTIZED_PAGE_SIZES}")
         self.target = target
         self.cfg = target.config
-        self.ops = get_ops(backend)
+        # tensor / data parallelism (`models.parallel`): None = one device
+        self.layout = (check_mesh(mesh, target.config, getattr(self, "_draft_config", None),
+                                  max_batch=max_batch, num_pages=num_pages)
+                       if mesh is not None else None)
+        self.groups = self.layout.data if self.layout else 1
+        self.ops = get_ops(backend, model_axis="model" if self.layout else None)
         self.backend = backend
         self.max_batch, self.max_seq_len, self.page_size = max_batch, max_seq_len, page_size
         self.prefill_chunk = prefill_chunk
@@ -85,18 +94,66 @@ class Engine:
         self.pages_per_seq = -(-(max_seq_len + self.extra_positions) // page_size)
         self.num_pages = num_pages if num_pages is not None else max_batch * self.pages_per_seq
         self.allocator = PageAllocator(self.num_pages, page_size, max_batch, self.pages_per_seq,
-                                       unused_index=UNUSED_PAGE if poison else 0)
+                                       unused_index=UNUSED_PAGE if poison else 0,
+                                       parts=self.groups)
         fill = float("nan") if poison else 0.0
         c = self.cfg
-        self.target_cache = make_paged_cache(c.num_layers, c.num_kv_heads, self.num_pages,
-                                             page_size, c.head_dim, target.dtype, fill,
-                                             kv_cache_dtype=self.kv_cache_dtype)
+        # abstract (AOT compiles, `models.aot`): shapes only, nothing allocated
+        self.abstract = abstract
+        self.target_cache = self._make(lambda: make_paged_cache(
+            c.num_layers, self._kv_heads("target"), self.num_pages, page_size, c.head_dim,
+            target.dtype, fill, kv_cache_dtype=self.kv_cache_dtype))
+        if self.layout:
+            self.target_cache = parallel.place(self.target_cache,
+                                               parallel.paged_cache_spec(self.target_cache),
+                                               self.layout)
         self._gt, self._st = nnx.split(target)
+        self._st, self._st_spec = self._place_weights(self._st, self.cfg, "target")
         # host state per slot
         self.slot_len = np.zeros(max_batch, np.int64)          # committed length L
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens at 0..L-1
 
     feature_layers: tuple[int, ...] = ()   # target layers whose outputs the draft reads
+
+    # -- parallelism -----------------------------------------------------------------------------
+    def _kv_heads(self, model):
+        """KV heads in the caches and k/v projections: the config's, or, replicated over a larger
+        model axis, one per model device (`models.parallel`)."""
+        if not self.layout:
+            return (self.cfg if model == "target" else self._draft_config).num_kv_heads
+        return self.layout.target_kv_heads if model == "target" else self.layout.draft_kv_heads
+
+    def _make(self, build):
+        """build() (device arrays), or its ShapeDtypeStructs when the decoder is abstract."""
+        return jax.eval_shape(build) if self.abstract else build()
+
+    def _place_weights(self, state, cfg, model):
+        """(state, PartitionSpecs): unchanged on one device, else sharded over the mesh."""
+        if not self.layout:
+            return state, None
+        return parallel.shard_state(state, cfg, self._kv_heads(model), self.layout)
+
+    def _sharded(self, fn, in_specs, out_specs):
+        """fn as the per-shard body of a shard_map over the mesh (unchanged on one device)."""
+        if not self.layout:
+            return fn
+        return jax.shard_map(fn, mesh=self.layout.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+
+    def _group_order(self, active):
+        """Live-first order of the slots inside each data group, as (local indices [B], global
+        slots [B], live count per group [groups])."""
+        per = self.max_batch // self.groups
+        local, glob, counts = [], [], []
+        for g in range(self.groups):
+            slots = range(g * per, (g + 1) * per)
+            live = [s for s in slots if s in active]
+            rest = [s for s in slots if s not in active]
+            glob += live + rest
+            local += [s - g * per for s in live + rest]
+            counts.append(len(live))
+        return (np.array(local, np.int32), np.array(glob, np.int32),
+                np.array(counts, np.int32))
 
     # -- validation ------------------------------------------------------------------------------
     def _check_request(self, prompts, max_new_tokens, temperature, queue):
@@ -130,9 +187,9 @@ class Engine:
         """Pick up parameter values changed in the models since this decoder was built (the
         decoder holds the parameter arrays it was given; flattening the models on every call
         would cost milliseconds)."""
-        self._st = nnx.state(self.target)
+        self._st, _ = self._place_weights(nnx.state(self.target), self.cfg, "target")
         if self.has_draft:
-            self._sd = nnx.state(self.draft)
+            self._sd, _ = self._place_weights(nnx.state(self.draft), self.draft.config, "draft")
 
     # -- jit plumbing ----------------------------------------------------------------------------
     @property
@@ -146,7 +203,7 @@ class Engine:
         local = self.__dict__.setdefault("_local_jit", {})
         if (name, variant) in local:
             return local[(name, variant)]
-        full = (name, key)
+        full = (name, key, self.layout)
         if full not in _JIT_CACHE:
             fn = build()
 
@@ -157,6 +214,16 @@ class Engine:
         local[(name, variant)] = _JIT_CACHE[full]
         return _JIT_CACHE[full]
 
+    def _specs(self, with_draft: bool):
+        """shard_map specs of (target state, target cache, draft state, draft cache)."""
+        if not self.layout:
+            return None, None, None, None
+        tc = parallel.paged_cache_spec(self.target_cache)
+        if not with_draft:
+            return self._st_spec, tc, P(), P()
+        return (self._st_spec, tc, self._sd_spec,
+                parallel.context_cache_spec(self.draft_cache))
+
     def _prefill_fn(self, with_draft: bool):
         gt = self._gt
         gd = self._gd if with_draft else None
@@ -165,12 +232,14 @@ class Engine:
 
         def prefill(st, tcache, dstate, dcache, tokens, positions, kv_lens, page_idx, cu,
                     num_seqs, last_rows, temp, seeds, sample_pos, row_start, n_new, ctx_lens):
+            # per data group (one group on one device): a flat ragged batch of its chunk
+            num_seqs = num_seqs[0]
             target = nnx.merge(gt, st)
             h, feats, tcache = target.forward(tokens, positions, tcache, kv_lens, page_idx, cu,
                                               num_seqs, ops=ops,
                                               feature_layers=feature_layers if with_draft else ())
             logits = target.logits(h[last_rows])
-            first = sample_tokens(logits, temp, seeds, sample_pos)
+            first = sample_tokens(logits, temp, seeds, sample_pos, vocab_axis=ops.model_axis)
             if with_draft:
                 draft = nnx.merge(gd, dstate)
                 ctx = draft.context(feats)                                   # [T, H]
@@ -181,67 +250,83 @@ class Engine:
                 dcache = draft.append_rows(ctx, positions, rows, dcache, ctx_lens, n_new,
                                            ops=ops)
             return first, tcache, dcache
-        return prefill
+        if not self.layout:
+            return prefill
+        st, tc, sd, dc = self._specs(with_draft)
+        d = P("data")
+        return self._sharded(prefill, (st, tc, sd, dc) + (d,) * 13, (d, tc, dc))
 
     # -- prefill ---------------------------------------------------------------------------------
     def _prefill(self, jobs, temp_of, seed_of):
-        """jobs: list of (slot, prompt). Runs the prompts in chunks; returns {slot: first token}."""
-        B = self.max_batch
+        """jobs: list of (slot, prompt). Runs the prompts in chunks (per data group: its own
+        flat batch of up to prefill_chunk tokens); returns {slot: first token}."""
+        per = self.max_batch // self.groups                  # slots per data group
         done = {slot: 0 for slot, _ in jobs}
         prompts = dict(jobs)
         first_tokens = {}
         with_draft = self.has_draft
         while any(done[s] < len(prompts[s]) for s in done):
-            budget, chunk = self.prefill_chunk, []
-            for slot, p in jobs:
-                rem = len(p) - done[slot]
-                if rem > 0 and budget > 0:
-                    n = min(rem, budget)
-                    chunk.append((slot, done[slot], n))
-                    budget -= n
-            total = sum(n for _, _, n in chunk)
+            chunks = []                                       # per group: [(slot, start, n)]
+            for g in range(self.groups):
+                budget, chunk = self.prefill_chunk, []
+                for slot, p in jobs:
+                    rem = len(p) - done[slot]
+                    if slot // per == g and rem > 0 and budget > 0:
+                        n = min(rem, budget)
+                        chunk.append((slot, done[slot], n))
+                        budget -= n
+                chunks.append(chunk)
+            total = max(sum(n for _, _, n in c) for c in chunks)
             t_pad = max(8, next_pow2(total))
-            tokens = np.zeros(t_pad, np.int32)
-            positions = np.zeros(t_pad, np.int32)
-            kv_lens = np.zeros(B, np.int32)
-            page_idx = np.full((B, self.pages_per_seq), self.allocator.unused_index, np.int32)
-            cu = np.zeros(B + 1, np.int32)
-            last_rows = np.zeros(B, np.int32)
-            temp = np.zeros(B, np.float32)
-            seeds = np.zeros(B, np.int32)
-            sample_pos = np.zeros(B, np.int32)
-            row_start = np.zeros(B, np.int32)
-            n_new = np.zeros(B, np.int32)
-            ctx_lens = np.zeros(B, np.int32)
-            r = 0
-            for s, (slot, start, n) in enumerate(chunk):
-                tokens[r:r + n] = prompts[slot][start:start + n]
-                positions[r:r + n] = np.arange(start, start + n)
-                kv_lens[s] = start + n
-                page_idx[s] = self.allocator.page_table[slot]
-                cu[s + 1] = r + n
-                last_rows[s] = r + n - 1
-                # the first token is sampled from the logits at the last prompt position
-                temp[s], seeds[s], sample_pos[s] = temp_of(slot), seed_of(slot), start + n - 1
-                row_start[slot], n_new[slot], ctx_lens[slot] = r, n, start
-                r += n
-            cu[len(chunk) + 1:] = r
+            G = self.groups
+            tokens = np.zeros((G, t_pad), np.int32)
+            positions = np.zeros((G, t_pad), np.int32)
+            kv_lens = np.zeros((G, per), np.int32)
+            page_idx = np.full((G, per, self.pages_per_seq), self.allocator.unused_index,
+                               np.int32)
+            cu = np.zeros((G, per + 1), np.int32)
+            last_rows = np.zeros((G, per), np.int32)
+            temp = np.zeros((G, per), np.float32)
+            seeds = np.zeros((G, per), np.int32)
+            sample_pos = np.zeros((G, per), np.int32)
+            row_start = np.zeros((G, per), np.int32)
+            n_new = np.zeros((G, per), np.int32)
+            ctx_lens = np.zeros((G, per), np.int32)
+            for g, chunk in enumerate(chunks):
+                r = 0
+                for s, (slot, start, n) in enumerate(chunk):
+                    tokens[g, r:r + n] = prompts[slot][start:start + n]
+                    positions[g, r:r + n] = np.arange(start, start + n)
+                    kv_lens[g, s] = start + n
+                    page_idx[g, s] = self.allocator.page_table[slot]
+                    cu[g, s + 1] = r + n
+                    last_rows[g, s] = r + n - 1
+                    # the first token is sampled from the logits at the last prompt position
+                    temp[g, s], seeds[g, s], sample_pos[g, s] = (temp_of(slot), seed_of(slot),
+                                                                 start + n - 1)
+                    local = slot - g * per                    # the draft cache's row
+                    row_start[g, local], n_new[g, local], ctx_lens[g, local] = r, n, start
+                    r += n
+                cu[g, len(chunk) + 1:] = r
             key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend)
             fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3),
                            variant=(with_draft,))
             dstate = self._sd if with_draft else None
             dcache = self.draft_cache if with_draft else None
+            flat = lambda a: a.reshape(G * a.shape[1], *a.shape[2:])   # noqa: E731
+            num_seqs = np.array([len(c) for c in chunks], np.int32)
             first, self.target_cache, dcache = fn(
-                self._st, self.target_cache, dstate, dcache, tokens, positions, kv_lens, page_idx,
-                cu, np.int32(len(chunk)), last_rows, temp, seeds, sample_pos, row_start, n_new,
-                ctx_lens)
+                self._st, self.target_cache, dstate, dcache, flat(tokens), flat(positions),
+                flat(kv_lens), flat(page_idx), flat(cu), num_seqs, flat(last_rows), flat(temp),
+                flat(seeds), flat(sample_pos), flat(row_start), flat(n_new), flat(ctx_lens))
             if with_draft:
                 self.draft_cache = dcache
-            first = np.asarray(first)
-            for s, (slot, start, n) in enumerate(chunk):
-                done[slot] = start + n
-                if done[slot] == len(prompts[slot]):
-                    first_tokens[slot] = int(first[s])
+            first = np.asarray(first).reshape(G, per)
+            for g, chunk in enumerate(chunks):
+                for s, (slot, start, n) in enumerate(chunk):
+                    done[slot] = start + n
+                    if done[slot] == len(prompts[slot]):
+                        first_tokens[slot] = int(first[g, s])
         for slot, p in jobs:
             self.slot_len[slot] = len(p)
             self.slot_tokens[slot] = list(p)

@@ -8,7 +8,11 @@ import numpy as np
 from flax import nnx
 
 from models.config import check_draft_fits_target
+from jax.sharding import PartitionSpec as P
+
+from models import parallel
 from models.decoding.engine import Engine
+from models.sampling import argmax_tokens
 from models.draft import DraftModel
 from models.kv_cache import make_context_cache
 from pallas_ops.block.validation import QUANT_CACHE_ROW_MULTIPLE
@@ -46,7 +50,7 @@ class SpeculativeDecoder(Engine):
                  max_seq_len: int, page_size: int = 16, backend: str = "xla",
                  prefill_chunk: int = 256, num_pages: int | None = None, poison: bool = False,
                  block_size: int | None = None, proposal_override: Callable | None = None,
-                 kv_cache_dtype=None):
+                 kv_cache_dtype=None, mesh=None, abstract: bool = False):
         if not isinstance(draft, DraftModel):
             raise TypeError(f"draft must be a DraftModel, got {type(draft).__name__}")
         check_draft_fits_target(draft.config, target.config)
@@ -57,39 +61,48 @@ class SpeculativeDecoder(Engine):
             raise ValueError(f"block_size must be an int in [2, 64], got {self.block_size!r}")
         self.extra_positions = self.block_size
         self.feature_layers = tuple(draft.config.target_layer_ids)
+        self._draft_config = draft.config
         super().__init__(target, max_batch=max_batch, max_seq_len=max_seq_len,
                          page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
-                         num_pages=num_pages, poison=poison, kv_cache_dtype=kv_cache_dtype)
+                         num_pages=num_pages, poison=poison, kv_cache_dtype=kv_cache_dtype,
+                         mesh=mesh)
         self.draft = draft
         self._gd, self._sd = nnx.split(draft)
+        self._sd, self._sd_spec = self._place_weights(self._sd, draft.config, "draft")
         d = draft.config
         # capacity: every committed position plus one block; a multiple of 16 rows (the Pallas
         # kernels move cache rows in whole (8|16, 128) HBM tiles)
         rows = QUANT_CACHE_ROW_MULTIPLE if self.kv_cache_dtype else 16   # 8-bit: (32, 128) tiles
         self.max_ctx = -(-(max_seq_len + self.block_size) // rows) * rows
         # kv_cache_dtype: one option for both caches (the target's pages and this context cache)
-        self.draft_cache = make_context_cache(d.num_layers, max_batch, d.num_kv_heads,
-                                              self.max_ctx, d.head_dim, draft.dtype,
-                                              float("nan") if poison else 0.0,
-                                              kv_cache_dtype=self.kv_cache_dtype)
+        self.draft_cache = self._make(lambda: make_context_cache(
+            d.num_layers, max_batch, self._kv_heads("draft"), self.max_ctx, d.head_dim,
+            draft.dtype, float("nan") if poison else 0.0, kv_cache_dtype=self.kv_cache_dtype))
+        if self.layout:
+            self.draft_cache = parallel.place(self.draft_cache,
+                                              parallel.context_cache_spec(self.draft_cache),
+                                              self.layout)
         self.proposal_override = proposal_override
 
     def _step_fn(self, greedy: bool, override: bool):
         gt, gd, ops = self._gt, self._gd, self.ops
-        B, bs = self.max_batch, self.block_size
+        bs = self.block_size
         mask_id = self.draft.config.mask_token_id
         feature_layers = self.feature_layers
 
         def step(st, tcache, sd, dcache, last, lens, active, order, num_seqs, page_idx, temp,
                  seeds, ext):
+            # per data group (one group on one device): B rows of its slots
+            B = last.shape[0]
+            num_seqs = num_seqs[0]
             target = nnx.merge(gt, st)
             draft = nnx.merge(gd, sd)
             # 1. draft: [last, MASK...] at positions [L, L+bs), context = positions 0..L-1
             block = jnp.concatenate(
                 [last[:, None], jnp.full((B, bs - 1), mask_id, jnp.int32)], axis=1)
             pos = lens[:, None] + jnp.arange(bs, dtype=jnp.int32)
-            h = draft(target.embed(block), pos, dcache, lens, ops=ops)
-            drafts = jnp.argmax(target.logits(h[:, 1:]), axis=-1).astype(jnp.int32)
+            h = draft(target.embed(block, ops), pos, dcache, lens, ops=ops)
+            drafts = argmax_tokens(target.logits(h[:, 1:]), ops.model_axis)
             if override:
                 drafts = jnp.where(ext >= 0, ext, drafts)
             # 2. verify: target on the bs block tokens of every live sequence (live first)
@@ -115,12 +128,16 @@ class SpeculativeDecoder(Engine):
             n_new = jnp.where(active, num_acc + 1, 0).astype(jnp.int32)
             dcache = draft.append_context(feats, pos, dcache, lens, n_new, ops=ops)
             return num_acc, res.tokens, drafts, tcache, dcache
-        return step
+        if not self.layout:
+            return step
+        st, tc, sd, dc = self._specs(True)
+        d = P("data")
+        return self._sharded(step, (st, tc, sd, dc) + (d,) * 9, (d, d, d, tc, dc))
 
     def _decode_step(self, active, last, temperature, seed_of, slot_req, out):
         B, bs = self.max_batch, self.block_size
         is_live = np.isin(np.arange(B), active)
-        order = np.array(active + [s for s in range(B) if s not in active], np.int32)
+        order, slots, num_seqs = self._group_order(active)
         lens = np.where(is_live, self.slot_len, 0).astype(np.int32)
         temp = np.full(B, temperature, np.float32)
         seeds = np.array([seed_of.get(s, 0) for s in range(B)], np.int32)
@@ -138,8 +155,7 @@ class SpeculativeDecoder(Engine):
                        variant=(greedy, override))
         num_acc, tokens, drafts, self.target_cache, self.draft_cache = fn(
             self._st, self.target_cache, self._sd, self.draft_cache, last.astype(np.int32), lens,
-            is_live, order, np.int32(len(active)), self.allocator.page_table[order], temp, seeds,
-            ext)
+            is_live, order, num_seqs, self.allocator.page_table[slots], temp, seeds, ext)
         num_acc, tokens, drafts = np.asarray(num_acc), np.asarray(tokens), np.asarray(drafts)
         result = {}
         for s in active:
