@@ -3,6 +3,10 @@
     python -m bench static [--chip v5p] [--kernel NAME] [--shape NAME] [--all] [--json PATH]
         static schedule analysis from libtpu's AOT dumps (no TPU needed), see bench/static/
 
+    python -m bench sharded [--case NAME] [--all] [--json PATH]
+        the tensor/data-parallel decode steps AOT-compiled for TPU slices: collectives, memory,
+        weights per chip (bench/sharded.py)
+
 The wall-clock benchmarks are a pytest-benchmark suite, not a command of this module:
 
     python -m pytest bench/micro                      # on a TPU: every catalogue shape, compiled
@@ -30,6 +34,10 @@ def main(argv=None) -> int:
         from bench.static import cli
 
         return cli.main(rest)
+    if cmd == "sharded":
+        from bench import sharded
+
+        return sharded.main(rest)
     print(f"unknown command {cmd!r}\n{__doc__}", file=sys.stderr)
     return 2
 

@@ -12,7 +12,8 @@ from models.target import TargetModel
 
 
 class AutoregressiveDecoder(Engine):
-    """Plain decoding (one target step per token) over the same kernels and cache."""
+    """Plain decoding (one target step per token) over the same kernels and cache. `mesh` and
+    `abstract`: as for `SpeculativeDecoder`."""
 
     extra_positions = 1
 

@@ -345,6 +345,9 @@ class Engine:
         queue=True more prompts than max_batch may be given: they wait for a free slot.
         `progress(tokens_generated, steps)` is called after every decode step.
         """
+        if self.abstract:
+            raise RuntimeError("an abstract decoder (abstract=True) only lowers its step "
+                               "functions (models.aot); it has no device state to generate with")
         prompts = self._check_request(prompts, max_new_tokens, temperature, queue)
         eos = set() if eos_token_id is None else (
             {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer))

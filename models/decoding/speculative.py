@@ -42,6 +42,17 @@ class SpeculativeDecoder(Engine):
 
     The decoder holds the parameter arrays the models had when it was built: after changing the
     weights, call `sync_weights()`.
+
+    `mesh`: a `jax.sharding.Mesh` with axes "data" and "model" (either of size 1) to run over
+    several devices (`models.parallel`): heads, MLP columns and the vocabulary split over
+    "model" (the three kernels run per shard inside `jax.shard_map`, `verify_accept` on its
+    vocabulary shard), the batch over "data" (each group of max_batch / d slots with its own page
+    pool and draft-cache rows). Same tokens as on one device. ValueError, naming the numbers, for
+    head counts, vocabulary or batch the mesh does not divide.
+
+    `abstract=True` (ahead-of-time compiles, `models.aot`): the models may be abstract
+    (`models.aot.abstract_models`); weights and caches stay `jax.ShapeDtypeStruct`s carrying
+    their shardings, nothing is allocated, and `generate` cannot run.
     """
 
     has_draft = True
@@ -65,7 +76,7 @@ class SpeculativeDecoder(Engine):
         super().__init__(target, max_batch=max_batch, max_seq_len=max_seq_len,
                          page_size=page_size, backend=backend, prefill_chunk=prefill_chunk,
                          num_pages=num_pages, poison=poison, kv_cache_dtype=kv_cache_dtype,
-                         mesh=mesh)
+                         mesh=mesh, abstract=abstract)
         self.draft = draft
         self._gd, self._sd = nnx.split(draft)
         self._sd, self._sd_spec = self._place_weights(self._sd, draft.config, "draft")
