@@ -199,3 +199,19 @@ def test_page_allocator_hands_out_frees_and_reuses():
     assert len(set(a.owned(2)) | set(a.owned(1))) == 4
     a.free(1), a.free(2)
     assert a.num_free == 6
+
+
+def test_page_allocator_parts_have_their_own_pools():
+    # 2 data groups of 2 slots, 4 pages each: page ids are local to a group's pool
+    a = PageAllocator(num_pages=8, page_size=4, max_slots=4, pages_per_seq=4, parts=2)
+    a.ensure(0, 12)                      # group 0: 3 of its 4 pages
+    a.ensure(2, 16)                      # group 1: all 4 of its pages, ids 0..3 of its pool
+    assert sorted(a.owned(0)) == [0, 1, 2] and sorted(a.owned(2)) == [0, 1, 2, 3]
+    assert a.num_free == 1
+    assert a.can_allocate(1, 4) and not a.can_allocate(3, 4)     # group 1 is full, group 0 not
+    with pytest.raises(OutOfPages):
+        a.ensure(3, 4)
+    a.free(2)
+    assert a.can_allocate(3, 16) and not a.can_allocate(1, 8)
+    with pytest.raises(ValueError, match="parts=3 must divide"):
+        PageAllocator(num_pages=8, page_size=4, max_slots=4, pages_per_seq=4, parts=3)
