@@ -3,7 +3,7 @@
     python -m bench.demo [--prompts 8] [--max-new-tokens 128] [--temperature 0.7] [--batch 16]
     python -m bench.demo --backend pallas --steps 4      # the interpreted Pallas kernels
 
-Loads the target (a 4-layer byte-level code LM, HF naming) and its DFlash drafter (z-lab naming)
+Loads the target (a 6-layer byte-level code LM, HF naming) and its DFlash drafter (z-lab naming)
 from bench/assets/, takes a handful of prompts from held-out stdlib files (never trained on, see
 models/training/data.py), and decodes them in one run with `SpeculativeDecoder` and with
 `generate_autoregressive`, in three runs: latency (one request at a time, as the paper measures:
