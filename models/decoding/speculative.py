@@ -33,7 +33,7 @@ class SpeculativeDecoder(Engine):
     autoregressive output over the same cache dtype whenever both write the same K/V bits. They
     may not: a token's K/V computed inside a verify block and in a one-token decode step differ
     in the last float bits (other reduction shapes), which an 8-bit rounding can turn into a
-    different stored value (1 of 200 demo prompts diverges late; f32 / bf16 caches absorb it).
+    different stored value (0 to 2 of 200 demo prompts diverge; f32 / bf16 caches absorb it).
 
     `proposal_override` (tests, experiments): a callable (request index, tokens generated so
     far for it, bs - 1) -> int array [bs - 1] or None, whose entries >= 0 replace the draft
