@@ -203,7 +203,8 @@ class Engine:
         local = self.__dict__.setdefault("_local_jit", {})
         if (name, variant) in local:
             return local[(name, variant)]
-        full = (name, key, self.layout)
+        # under a mesh the shard_map specs follow the caches' structure (8-bit: 4 arrays a layer)
+        full = (name, key, self.layout, self.kv_cache_dtype if self.layout else None)
         if full not in _JIT_CACHE:
             fn = build()
 

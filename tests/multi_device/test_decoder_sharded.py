@@ -170,3 +170,20 @@ def test_sharded_argmax_and_sampling_equal_the_unsharded_ones():
     assert int(am[0]) == 5
     np.testing.assert_array_equal(np.asarray(smp),
                                   np.asarray(sample_tokens(jnp.asarray(logits), temp, seed, pos)))
+
+
+def test_int8_caches_on_a_2x2_mesh(pair):
+    # 8-bit caches shard like the others (scales beside their values); same tokens as the
+    # unsharded int8 decoder (deterministic inputs: a flip would be reproducible, not flaky)
+    target, draft = pair
+    prompts = _prompts(4, seed=4)
+    outs = []
+    for mesh in (None, _mesh((2, 2))):
+        dec = SpeculativeDecoder(target, draft, max_batch=4, max_seq_len=64, mesh=mesh,
+                                 kv_cache_dtype="int8")
+        outs.append(dec.generate(prompts, max_new_tokens=20, queue=True).tokens)
+        if mesh is not None:
+            ks = dec.target_cache[0][2]                    # k scales [Hkv, P, ps]
+            assert ks.sharding.shard_shape(ks.shape)[:2] == (TCFG.num_kv_heads // 2,
+                                                             dec.num_pages // 2)
+    assert outs[0] == outs[1]
