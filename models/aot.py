@@ -39,7 +39,7 @@ def _host(dec, shape, dtype):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
 
-def step_args(dec, *, greedy: bool = True):
+def step_args(dec):
     """The abstract arguments of `dec`'s decode step (speculative or autoregressive)."""
     B, pps, G = dec.max_batch, dec.pages_per_seq, dec.groups
     i32, f32 = jnp.int32, jnp.float32
@@ -70,7 +70,7 @@ def lower_step(dec, *, chip: str | None = "v5p", greedy: bool = True):
                           model_axis="model" if dec.layout else None)
     fn = dec._step_fn(greedy, False) if dec.has_draft else dec._step_fn()
     donate = (1, 3) if dec.has_draft else (1,)
-    args = step_args(dec, greedy=greedy)
+    args = step_args(dec)
     if dec.layout is None:
         return jax.jit(fn, donate_argnums=donate).lower(*args)
     with jax.sharding.use_abstract_mesh(dec.layout.mesh.abstract_mesh):
