@@ -90,6 +90,9 @@ def races_found() -> bool:
     """
     from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc   # 0.10.2 .. 0.12
 
+    # dispatch is asynchronous: wait until every launched kernel (its interpreter callbacks are
+    # effects) has run, or the check could read the state before the kernel started
+    jax.effects_barrier()
     if ipc.races is None:
         raise RuntimeError("no kernel ran with detect_races=True since the interpreter was reset")
     return bool(ipc.races.races_found)
