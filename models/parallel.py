@@ -90,10 +90,14 @@ def check_mesh(mesh, target_cfg, draft_cfg=None, *, max_batch: int,
 # weights
 
 
+def _names(path) -> list[str]:
+    """The keys of a path in a model's nnx state, as strings."""
+    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+
+
 def _param_spec(path) -> P:
     """The PartitionSpec of a parameter from its path in the model's nnx state."""
-    names = [getattr(k, "key", getattr(k, "name", k)) for k in path]
-    names = [str(x) for x in names]
+    names = _names(path)
     if "embed_tokens" in names:
         return P("model", None)                      # [V, H]: vocabulary rows
     if "lm_head" in names:
@@ -131,7 +135,7 @@ def shard_state(state, cfg, heads: int, layout: Layout):
     needed) each array device_put with its NamedSharding (ShapeDtypeStructs: given the
     sharding). Returns (state, specs)."""
     def place(path, x):
-        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        names = _names(path)
         if ("k_proj" in names or "v_proj" in names) and heads != cfg.num_kv_heads:
             expand = lambda a: expand_kv_heads(a, cfg.num_kv_heads, heads, cfg.head_dim)  # noqa
             x = jax.eval_shape(expand, x) if isinstance(x, jax.ShapeDtypeStruct) else expand(x)
