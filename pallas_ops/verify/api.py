@@ -13,10 +13,12 @@ from pallas_ops.verify.block_sizes import VerifyAcceptBlockSizes, default_block_
 from pallas_ops.verify.kernel import run_verify_accept, verify_call
 from pallas_ops.verify.result import VerifyResult
 from pallas_ops.verify.validation import check_args
+from pallas_ops.verify.xla import filter_args
 
 
 def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
-                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
+                  draft_probs=None, num_seqs=None, top_k=None, top_p=None, min_p=None,
+                  return_logprobs=False, top_logprobs=0, block_sizes=None, interpret=None,
                   chip=None, vocab_axis_name=None) -> VerifyResult:
     """Verify a block of drafts per sequence against the target logits, in one kernel.
 
@@ -30,6 +32,22 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
         by (seed, position + j), so results do not depend on batch order or padding.
       draft_probs: [B, bs-1, V] float draft distribution q, or None (one-hot drafts).
       num_seqs: int or int32 scalar; sequences >= num_seqs are padding (never read).
+      top_k: int32 [B] or None; k > 0 keeps the k largest logits of a sampling row (ties at the
+        k-th value kept), 0 = off.
+      top_p: f32 [B] in (0, 1] or None; keeps the smallest set of the largest probabilities (of
+        what top-k kept, renormalised) whose sum reaches p (ties at the boundary kept), 1 = off.
+      min_p: f32 [B] in [0, 1) or None; keeps tokens with probability >= min_p * the largest,
+        0 = off. The filters apply to softmax(logits / T) of sampling rows, in this order, then
+        renormalise; greedy rows ignore them. A sequence with a filter set reads its logits twice
+        (`threshold_kernel`: the thresholds, by bisection in VMEM; then this kernel, sampling
+        above them); the others stay single-pass. Values are checked when concrete (not traced).
+      return_logprobs: also return `VerifyResult.logprobs` f32 [B, bs]: each emitted token's
+        log-probability under the distribution it was emitted from (sampling rows: the tempered,
+        filtered target distribution; greedy rows: softmax(logits)), 0 where tokens is -1. From
+        the same pass (an online log-sum-exp; +1 exp per logit).
+      top_logprobs: int in [0, 20]: with return_logprobs, also the n largest log-probabilities of
+        that distribution per row and their ids (`VerifyResult.top_logprobs`, `.top_tokens`);
+        computed by lax.top_k after the kernel (one more read of the logits).
       block_sizes: `VerifyAcceptBlockSizes` or None (the table for `chip` / the current chip).
       interpret: see `pallas_ops.execution.resolve_interpret`.
       chip: 'v5e' | 'v5p' | 'v6e' | None: block-size table and VMEM budget (None: current chip).
@@ -42,13 +60,16 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
         seeds (up to the float rounding of a sharded log-sum-exp on the draft_probs path).
 
     Returns:
-      VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]): tokens = d_1..d_a, then the
+      VerifyResult(num_accepted int32 [B], tokens int32 [B, bs][, logprobs, top_logprobs,
+      top_tokens]): tokens = d_1..d_a, then the
       target's token at position a, then -1. Padding sequences, and sequences whose logits hold a
       NaN or a row of all -inf: num_accepted 0 and tokens all -1 (see `reference/verify.py`
       for the exact semantics of every case).
     """
     B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
-                          num_seqs)
+                          num_seqs, top_k=top_k, top_p=top_p, min_p=min_p,
+                          return_logprobs=return_logprobs, top_logprobs=top_logprobs,
+                          vocab_axis_name=vocab_axis_name)
     if chip is None:
         chip = current_chip()
     itemsize = jnp.dtype(logits.dtype).itemsize
@@ -61,9 +82,11 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
                          f"B={B}")
     interpret = resolve_interpret(interpret)
     num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    filt = filter_args(B, temperature, top_k, top_p, min_p)
+    opts = dict(bsz=block_sizes, interpret=interpret, chip=chip, logprobs=bool(return_logprobs),
+                n_top=int(top_logprobs))
     if vocab_axis_name is not None:   # inside shard_map: the collectives take the caller's trace
         return verify_call(logits, draft_tokens, temperature, seed, position, draft_probs,
-                           num_seqs, bsz=block_sizes, interpret=interpret, chip=chip,
-                           axis=vocab_axis_name)
-    return run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
-                             bsz=block_sizes, interpret=interpret, chip=chip)
+                           num_seqs, filt, axis=vocab_axis_name, **opts)
+    return run_verify_accept(logits, draft_tokens, temperature, seed, position, draft_probs,
+                             num_seqs, filt, **opts)

@@ -43,8 +43,9 @@ from pallas_ops import rng
 from pallas_ops.chips import CHIPS
 from pallas_ops.verify.block_sizes import LANES
 from pallas_ops.verify.result import VerifyResult
-from pallas_ops.verify.xla import (combine_rows, finish_onehot, finish_probs, row_drafts,
-                                   row_params, seq_valid, vocab_offset, vocab_size)
+from pallas_ops.verify.threshold_kernel import thresholds_call
+from pallas_ops.verify.xla import (add_logprobs, combine_rows, finish_onehot, finish_probs,
+                                   row_drafts, row_params, seq_valid, vocab_offset, vocab_size)
 
 _NEG_INF = float("-inf")
 _BIG = 2 ** 31 - 1
@@ -61,18 +62,21 @@ def _chunk_unroll(nchunks: int) -> int:
     return 1
 
 
-def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
+def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_lse):
     it = iter(refs)
     # Prefetch
     ns_ref = next(it)                                  # SMEM int32 [1]: num_seqs
     off_ref = next(it) if stats else None              # SMEM int32 [1]: vocab index of column 0
-    samp_ref = next(it) if sampling else None          # SMEM int32 [B]: 1 if T > 0 (sampling)
+    samp_ref = next(it) if sampling else None          # SMEM int32 [B]: 0 greedy, 1 sampling,
+    #                                                    2 sampling with a filter (T > 0)
     # Inputs
     logits_ref = next(it)                              # VMEM [bb, bs, tv] f32/bf16
     drafts_ref = next(it)                              # VMEM int32 [bb, bs, 1]: d_{j+1} or -1
     if sampling:
         invt_ref = next(it)                            # VMEM f32 [bb, bs, 1]: 1/T
         key_ref = next(it)                             # VMEM int32 [bb, bs, 1]: rng row key
+    if filtered:
+        tau_ref = next(it)                             # VMEM f32 [bb, bs, 1]: kept y >= tau
     # Outputs
     if stats:
         idx_out = next(it)                             # VMEM int32 [bb, bs, 1]: winner per row
@@ -125,6 +129,30 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
             x = jnp.where(lane < lim - (g0 + c * LANES), x, _NEG_INF)
         return x
 
+    def lse_tile(b, masked, n, invt, tau):
+        # Online log-sum-exp of the kept y = x / T: n is the running per-lane max of y (this
+        # tile included); one more sweep of the tile sums exp(y - max).
+        n_sc[b] = n
+        m_old = lm_sc[b]                                    # [bs, 1]
+        m_new = jnp.max(n, axis=-1, keepdims=True)
+        m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
+        m_bcast = jnp.broadcast_to(m_safe, (bs, LANES))
+
+        def group_sum(g, acc):
+            g0 = pl.multiple_of(g * (unroll * LANES), unroll * LANES)
+            for c in range(unroll):
+                y = load(b, g0, c, masked)
+                if invt is not None:
+                    y = y * invt
+                if tau is not None:
+                    y = jnp.where(y >= tau, y, _NEG_INF)
+                acc = acc + jnp.exp(y - m_bcast)
+            return acc
+
+        acc = lax.fori_loop(0, ngroups, group_sum, jnp.zeros((bs, LANES), jnp.float32))
+        ls_sc[b] = ls_sc[b] * jnp.exp(m_old - m_safe) + jnp.sum(acc, -1, keepdims=True)
+        lm_sc[b] = m_new
+
     def greedy_seq(b, masked):
         # Per lane and row: m = running max (jnp.maximum: a NaN propagates into m), cid = the
         # first chunk (global 128-lane chunk number) reaching it (strict >: lowest index wins
@@ -142,11 +170,15 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
         m, cid = lax.fori_loop(0, ngroups, group, (m_sc[b], c_sc[b]))
         m_sc[b] = m
         c_sc[b] = cid
+        if greedy_lse:   # log-probabilities of greedy rows: lse of the raw logits (m = its max)
+            lse_tile(b, masked, m, None, None)
 
-    def sampling_seq(b, masked):
-        # Score x / T + Gumbel(seed, position + j, index): a Gumbel-max sample per row.
+    def sampling_seq(b, masked, filt):
+        # Score x / T + Gumbel(seed, position + j, index): a Gumbel-max sample per row; with a
+        # filter, over the kept entries (y >= tau) only.
         invt = jnp.broadcast_to(invt_ref[b], (bs, LANES))
         key = jnp.broadcast_to(key_ref[b], (bs, LANES))
+        tau = jnp.broadcast_to(tau_ref[b], (bs, LANES)) if filt else None
         mul = jnp.int32(rng._i32(rng.INDEX_MUL))
         step = jnp.int32(rng._i32(LANES * rng.INDEX_MUL))
 
@@ -156,6 +188,8 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
             for c in range(unroll):
                 x = load(b, g0, c, masked)
                 y = x * invt
+                if filt:
+                    y = jnp.where(y >= tau, y, _NEG_INF)
                 # y + gumbel = y - log(-log(u)), written so no separate negation is emitted;
                 # imul = index * INDEX_MUL (stepped, not multiplied).
                 u = rng.uniform(rng.bits_premul(key, imul))
@@ -174,35 +208,25 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats):
         m_sc[b] = m
         c_sc[b] = cid
         if with_lse:
-            # Online log-sum-exp of y = x / T: the tile's max first (n), then one more pass.
-            n_sc[b] = n
-            m_old = lm_sc[b]                                    # [bs, 1]
-            m_new = jnp.max(n, axis=-1, keepdims=True)
-            m_safe = jnp.where(m_new == _NEG_INF, 0.0, m_new)
-            m_bcast = jnp.broadcast_to(m_safe, (bs, LANES))
-
-            def group_sum(g, acc):
-                g0 = pl.multiple_of(g * (unroll * LANES), unroll * LANES)
-                for c in range(unroll):
-                    acc = acc + jnp.exp(load(b, g0, c, masked) * invt - m_bcast)
-                return acc
-
-            acc = lax.fori_loop(0, ngroups, group_sum, jnp.zeros((bs, LANES), jnp.float32))
-            ls_sc[b] = ls_sc[b] * jnp.exp(m_old - m_safe) + jnp.sum(acc, -1, keepdims=True)
-            lm_sc[b] = m_new
+            lse_tile(b, masked, n, invt, tau)
 
     def process(masked: bool):
         def seq(b, carry):
             if not sampling:
                 greedy_seq(b, masked)
                 return carry
-            samp = samp_ref[i * bb + b] != 0
+            kind = samp_ref[i * bb + b]
 
-            @pl.when(samp)
+            @pl.when(kind == 1)
             def _():
-                sampling_seq(b, masked)
+                sampling_seq(b, masked, False)
 
-            @pl.when(jnp.logical_not(samp))
+            if filtered:
+                @pl.when(kind == 2)
+                def _():
+                    sampling_seq(b, masked, True)
+
+            @pl.when(kind == 0)
             def _():
                 greedy_seq(b, masked)
             return carry
@@ -255,8 +279,8 @@ def _vmem_estimate(bb, bs, tv, itemsize, with_lse):
     return 2 * tile + scratch + small
 
 
-def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse, stats,
-                 interpret, chip):
+def _verify_call(logits, drafts, ns, samp_seq, params, offset, tau, *, bsz, with_lse, stats,
+                 interpret, chip, greedy_lse=False):
     """stats=False: the accept scan in the kernel -> (tokens [B, bs, 1], num_accepted [B, 1, 1]).
     stats=True: per-row statistics of this vocabulary shard (columns offset .. offset + V - 1)
     -> (winner index, NaN flag, winner score[, lse]) each [B, bs, 1]."""
@@ -294,6 +318,10 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse,
         in_specs += [row_spec] * 2
         args += [inv_t[..., None], key[..., None]]
         prefetch.append(samp_seq)
+    filtered = tau is not None
+    if filtered:
+        in_specs.append(row_spec)
+        args.append(tau[..., None])
     if stats:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
@@ -315,7 +343,7 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse,
     n = B * bs * V
     # VALU ops per logit read from the v5p schedule: ~4 greedy (unpack, compare, max, select),
     # ~22 sampling (hash 9, uniform 2, the two logs 4, fold 4, unpack, scale, sub), +5 for lse.
-    per_elem = 4 + (18 if sampling else 0) + (5 if with_lse else 0)
+    per_elem = 4 + (18 if sampling else 0) + (5 if with_lse else 0) + (2 if filtered else 0)
     cost = pl.CostEstimate(
         flops=per_elem * n,
         transcendentals=(2 * n if sampling else 0) + (n if with_lse else 0),
@@ -327,7 +355,8 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse,
         raise ValueError(f"block_sizes {bsz} need ~{vmem} bytes of VMEM, over half the "
                          f"{budget}-byte budget of {chip or 'the fallback chip'}")
     kernel = functools.partial(_kernel, V=V, tv=tv, bs=bs, bb=bb, sampling=sampling,
-                               with_lse=with_lse, stats=stats)
+                               with_lse=with_lse, stats=stats, filtered=filtered,
+                               greedy_lse=greedy_lse)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -348,34 +377,51 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, *, bsz, with_lse,
     )(*prefetch, *args)
 
 
-def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *, bsz,
-                interpret, chip, axis=None):
-    """The kernel and the host-side steps around it. axis=None: logits hold the whole vocabulary
-    (one-hot drafts: the accept scan runs in the kernel). axis = a mesh axis name: logits [B, bs,
-    V_local] are this device's shard of the vocabulary (inside shard_map); the kernel returns
-    per-row statistics, which `xla.combine_rows` exchanges across the axis (a few scalars per
-    row), and the accept decision follows on every shard alike."""
+def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, filt,
+                *, bsz, interpret, chip, axis=None, logprobs=False, n_top=0):
+    """The kernels and the host-side steps around them. axis=None: logits hold the whole
+    vocabulary (one-hot drafts: the accept scan runs in the kernel). axis = a mesh axis name:
+    logits [B, bs, V_local] are this device's shard of the vocabulary (inside shard_map); the
+    kernel returns per-row statistics, which `xla.combine_rows` exchanges across the axis (a few
+    scalars per row), and the accept decision follows on every shard alike. filt: `Filters` or
+    None: sequences sampling with a filter first go through `threshold_kernel` (their second
+    read of the logits); the others are not read by it."""
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, vocab_size(V, axis))
-    with_lse = draft_probs is not None and params is not None
+    with_lse = (draft_probs is not None and params is not None) or logprobs
     stats = with_lse or axis is not None
     ns = jnp.clip(num_seqs, 0, B).reshape(1)
-    samp_seq = None
+    samp_seq = tau = None
     if params is not None:
-        samp_seq = (params[1][:, 0] > 0).astype(jnp.int32)       # per sequence
-    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis), bsz=bsz,
-                        with_lse=with_lse, stats=stats, interpret=interpret, chip=chip)
+        samp = params[1][:, 0] > 0
+        samp_seq = samp.astype(jnp.int32)                         # per sequence
+        if filt is not None:
+            active = filt.active(samp) & (jnp.arange(B) < ns[0])
+            tau = lax.cond(
+                jnp.any(active),
+                lambda: thresholds_call(logits, params[0], active, *filt, interpret=interpret,
+                                        chip=chip),
+                lambda: jnp.full((B, bs), -jnp.inf, jnp.float32))
+            samp_seq = jnp.where(active, 2, samp_seq).astype(jnp.int32)
+    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis), tau,
+                        bsz=bsz, with_lse=with_lse, stats=stats, interpret=interpret, chip=chip,
+                        greedy_lse=logprobs)
     if not stats:
         tok, acc = outs
         return VerifyResult(acc[:, 0, 0], tok[..., 0])
     idx, nan, mx, *lse = (o[..., 0] for o in outs)
     idx, bad, lse = combine_rows(idx, nan > 0, mx, lse[0] if lse else None, axis)
     valid = seq_valid(B, num_seqs)
-    if not with_lse:
-        return finish_onehot(idx, bad, drafts, valid)
-    return finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
-                        valid, temperature, axis=axis)
+    if draft_probs is None or params is None:
+        res = finish_onehot(idx, bad, drafts, valid)
+    else:
+        res = finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
+                           valid, temperature, axis=axis, tau=tau)
+    if logprobs:
+        res = add_logprobs(res, logits, params, tau, lse, n_top, axis=axis)
+    return res
 
 
-run_verify_accept = jax.jit(verify_call, static_argnames=("bsz", "interpret", "chip", "axis"))
+run_verify_accept = jax.jit(verify_call, static_argnames=("bsz", "interpret", "chip", "axis",
+                                                          "logprobs", "n_top"))

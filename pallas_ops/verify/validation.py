@@ -15,8 +15,55 @@ def _dtype(x):
     return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
-def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs):
-    """Static checks (shapes, dtypes); raises ValueError naming the argument. Returns (B, bs, V)."""
+def _concrete(x):
+    """x as a NumPy array when its values are known now (not a tracer), else None."""
+    try:
+        return np.asarray(x)
+    except Exception:   # a tracer: values are checked only when known
+        return None
+
+
+def check_filters(B, V, temperature, top_k, top_p, min_p, return_logprobs, top_logprobs,
+                  vocab_axis_name):
+    """Shapes, dtypes and (when concrete) values of the sampling filters and logprobs options."""
+    for name, arr, kind in (("top_k", top_k, jnp.integer), ("top_p", top_p, jnp.floating),
+                            ("min_p", min_p, jnp.floating)):
+        if arr is None:
+            continue
+        if _shape(arr) != (B,):
+            raise ValueError(f"{name} must have shape [B] = {(B,)}, got {_shape(arr)}")
+        if not jnp.issubdtype(_dtype(arr), kind):
+            raise ValueError(f"{name} has dtype {_dtype(arr)}, expected {kind.__name__}")
+        val = _concrete(arr)
+        if val is None:
+            continue
+        if name == "top_k" and (val < 0).any():
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {val.tolist()}")
+        if name == "top_p" and not ((val > 0) & (val <= 1)).all():
+            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {val.tolist()}")
+        if name == "min_p" and not ((val >= 0) & (val < 1)).all():
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {val.tolist()}")
+    filtered = any(a is not None for a in (top_k, top_p, min_p))
+    if filtered and vocab_axis_name is not None:
+        raise ValueError("top_k / top_p / min_p are not supported with vocab_axis_name (the "
+                         "thresholds would need the whole row): gather the vocabulary first")
+    if not isinstance(return_logprobs, (bool, np.bool_)):
+        raise ValueError(f"return_logprobs must be a bool, got {return_logprobs!r}")
+    if not isinstance(top_logprobs, (int, np.integer)) or not 0 <= int(top_logprobs) <= 20:
+        raise ValueError(f"top_logprobs must be an int in [0, 20], got {top_logprobs!r}")
+    if top_logprobs and not return_logprobs:
+        raise ValueError("top_logprobs needs return_logprobs=True")
+    if top_logprobs and vocab_axis_name is not None:
+        raise ValueError("top_logprobs is not supported with vocab_axis_name")
+    if int(top_logprobs) > V:
+        raise ValueError(f"top_logprobs={top_logprobs} exceeds the vocabulary V={V}")
+
+
+def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *,
+               top_k=None, top_p=None, min_p=None, return_logprobs=False, top_logprobs=0,
+               vocab_axis_name=None):
+    """Static checks (shapes, dtypes; filter values when concrete); raises ValueError naming the
+    argument. Returns (B, bs, V)."""
     shape = _shape(logits)
     if len(shape) != 3:
         raise ValueError(f"logits must be [B, bs, V], got shape {shape}")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from pallas_ops import rng
+from pallas_ops.verify import filters
 from pallas_ops.verify.result import VerifyResult
 from pallas_ops.verify.validation import check_args
 
@@ -55,11 +56,13 @@ def seq_valid(B, num_seqs):
     return jnp.arange(B, dtype=jnp.int32) < jnp.asarray(num_seqs, jnp.int32).reshape(())
 
 
-def row_stats(logits, params, *, with_lse=False, offset=0):
+def row_stats(logits, params, *, with_lse=False, offset=0, tau=None):
     """Per row of this vocabulary shard (global columns offset .. offset + V - 1): winner idx int32
     [B, bs] (argmax of the score, lowest index on ties, global), nan bool [B, bs] (a NaN logit),
     mx f32 [B, bs] (the winner's score), lse f32 [B, bs] of logits * inv_t (None unless
-    with_lse). The noise is keyed by the global index, so shards score as the whole row would."""
+    with_lse). The noise is keyed by the global index, so shards score as the whole row would.
+    tau f32 [B, bs] or None: the filters' thresholds (`filters.thresholds`): scores and lse over
+    {logits * inv_t >= tau} only."""
     x = logits.astype(jnp.float32)
     B, bs, V = x.shape
     nan = jnp.isnan(x).any(-1)
@@ -68,6 +71,8 @@ def row_stats(logits, params, *, with_lse=False, offset=0):
     else:
         inv_t, gscale, key = params
         y = x * inv_t[..., None]
+        if tau is not None:
+            y = filters.keep(y, tau)
         index = jnp.arange(V, dtype=jnp.int32) + offset
         g = rng.gumbel(rng.bits(key[..., None], index))
         score = jnp.where(gscale[..., None] > 0, y + g, y)
@@ -139,11 +144,13 @@ def _emit(a, tokens, bad, valid):
 
 
 def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position, valid,
-                 temperature, *, axis=None):
+                 temperature, *, axis=None, tau=None):
     """draft_probs path after the per-row stats: accept test, residual sample at the first
     rejection (one row of logits and q per sequence), bonus. Greedy rows use the one-hot scan.
     With `axis`, logits and draft_probs are this shard's vocabulary columns (see combine_rows):
-    the draft's p and q, and the residual sample's winner, are exchanged as per-row scalars."""
+    the draft's p and q, and the residual sample's winner, are exchanged as per-row scalars.
+    tau [B, bs] or None: the filters' thresholds; p is the filtered distribution (lse over the
+    kept set)."""
     B, bs, V = logits.shape
     offset = vocab_offset(V, axis)
     inv_t, _, _ = params
@@ -158,7 +165,10 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
     dc = jnp.maximum(d, 0)
     x_d = _at_index(logits[:, :-1, :], dc, offset, axis)
     q_d = _at_index(draft_probs, dc, offset, axis)
-    p_d = jnp.exp(x_d * inv_t[:, :-1] - lse[:, :-1])
+    y_d = x_d * inv_t[:, :-1]
+    p_d = jnp.exp(y_d - lse[:, :-1])
+    if tau is not None:
+        p_d = jnp.where(y_d >= tau[:, :-1], p_d, 0.0)
     jj = jnp.arange(bs - 1, dtype=jnp.int32)[None, :]
     akey = rng.row_key(seed[:, None], pos[:, None] + jj, rng.STREAM_ACCEPT)
     u = rng.uniform(rng.bits(akey, 0))
@@ -171,6 +181,9 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
     inv_a = jnp.take_along_axis(inv_t, ar[:, None], axis=1)
     lse_a = jnp.take_along_axis(lse, ar[:, None], axis=1)
     p = jnp.exp(x_a * inv_a - lse_a)
+    if tau is not None:
+        tau_a = jnp.take_along_axis(tau, ar[:, None], axis=1)
+        p = jnp.where(x_a * inv_a >= tau_a, p, 0.0)
     r = jnp.maximum(p - q_a, 0.0)
     gkey = rng.row_key(seed, pos + ar, rng.STREAM_GUMBEL)
     g = rng.gumbel(rng.bits(gkey[:, None], jnp.arange(V, dtype=jnp.int32)[None, :] + offset))
@@ -191,39 +204,99 @@ def finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, posit
                         jnp.where(samp[:, None], sres.tokens, onehot.tokens))
 
 
+def emitted_logprobs(logits, tokens, inv_t, lse, *, axis=None):
+    """f32 [B, bs]: tokens' (global ids, -1 = none) logits * inv_t - lse: the log-probability under
+    the distribution whose log-normaliser is lse (an emitted token is always in the kept set);
+    0 where tokens is -1. inv_t None: 1 (all greedy)."""
+    V = logits.shape[-1]
+    y = _at_index(logits, jnp.maximum(tokens, 0), vocab_offset(V, axis), axis)
+    if inv_t is not None:
+        y = y * inv_t
+    return jnp.where(tokens >= 0, y - lse, 0.0).astype(jnp.float32)
+
+
+def top_logprobs(logits, inv_t, tau, lse, n, fail):
+    """The n largest log-probabilities per row of the emitting distribution (f32 [B, bs, n],
+    -inf past its support) and their ids (int32, -1 there); rows of failed sequences (fail bool
+    [B]) all -inf / -1. One more read of the logits (lax.top_k)."""
+    y = logits.astype(jnp.float32)
+    if inv_t is not None:
+        y = y * inv_t[..., None]
+    if tau is not None:
+        y = filters.keep(y, tau)
+    vals, ids = lax.top_k(y - lse[..., None], n)
+    dead = (vals == -jnp.inf) | fail[:, None, None]
+    return (jnp.where(dead, -jnp.inf, vals).astype(jnp.float32),
+            jnp.where(dead, -1, ids).astype(jnp.int32))
+
+
+def add_logprobs(res, logits, params, tau, lse, n_top, *, axis=None):
+    """VerifyResult with logprobs (and top_logprobs / top_tokens when n_top > 0) filled in."""
+    inv_t = None if params is None else params[0]
+    lp = emitted_logprobs(logits, res.tokens, inv_t, lse, axis=axis)
+    if not n_top:
+        return res._replace(logprobs=lp)
+    fail = res.tokens[:, 0] < 0
+    top, ids = top_logprobs(logits, inv_t, tau, lse, n_top, fail)
+    return res._replace(logprobs=lp, top_logprobs=top, top_tokens=ids)
+
+
 def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position=None,
-                  draft_probs=None, num_seqs=None, block_sizes=None, interpret=None,
+                  draft_probs=None, num_seqs=None, top_k=None, top_p=None, min_p=None,
+                  return_logprobs=False, top_logprobs=0, block_sizes=None, interpret=None,
                   vocab_axis_name=None) -> VerifyResult:
     """Plain-jnp verify/accept (`block_sizes` and `interpret` are accepted and ignored).
 
     Args and result as `pallas_ops.verify_accept`: logits [B, bs, V] f32/bf16, draft_tokens int32
     [B, bs-1], temperature f32 [B] | None, seed int32 [B] | None, position int32 [B] | None,
-    draft_probs [B, bs-1, V] | None, num_seqs int | int32 scalar | None ->
-    VerifyResult(num_accepted int32 [B], tokens int32 [B, bs]).
+    draft_probs [B, bs-1, V] | None, num_seqs int | int32 scalar | None, top_k int32 [B] | None,
+    top_p f32 [B] | None, min_p f32 [B] | None, return_logprobs, top_logprobs int ->
+    VerifyResult(num_accepted int32 [B], tokens int32 [B, bs][, logprobs f32 [B, bs]
+    [, top_logprobs f32 [B, bs, n], top_tokens int32 [B, bs, n]]]).
     """
     del block_sizes, interpret
     B, bs, V = check_args(logits, draft_tokens, temperature, seed, position, draft_probs,
-                          num_seqs)
+                          num_seqs, top_k=top_k, top_p=top_p, min_p=min_p,
+                          return_logprobs=return_logprobs, top_logprobs=top_logprobs,
+                          vocab_axis_name=vocab_axis_name)
     num_seqs = jnp.asarray(B if num_seqs is None else num_seqs, jnp.int32).reshape(())
+    filt = filter_args(B, temperature, top_k, top_p, min_p)
     if vocab_axis_name is not None:   # inside shard_map: collectives need no jit of our own
         return _verify(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
-                       axis=vocab_axis_name)
-    return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs)
+                       filt, axis=vocab_axis_name, logprobs=bool(return_logprobs), n_top=0)
+    return _verify_jit(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs,
+                       filt, logprobs=bool(return_logprobs), n_top=int(top_logprobs))
 
 
-def _verify(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, *, axis):
+def filter_args(B, temperature, top_k, top_p, min_p):
+    """Filters, or None when none is given or every row is greedy (temperature None)."""
+    if temperature is None:
+        return None
+    return filters.filter_params(B, top_k, top_p, min_p)
+
+
+def _verify(logits, draft_tokens, temperature, seed, position, draft_probs, num_seqs, filt, *,
+            axis, logprobs, n_top):
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     valid = seq_valid(B, num_seqs)
     with_probs = draft_probs is not None and params is not None
-    idx, nan, mx, lse = row_stats(logits, params, with_lse=with_probs,
-                                  offset=vocab_offset(V, axis))
+    tau = None
+    if filt is not None:
+        samp = jnp.asarray(temperature, jnp.float32) > 0
+        tau = filters.thresholds(logits, params[0], samp, filt)
+    idx, nan, mx, lse = row_stats(logits, params, with_lse=with_probs or logprobs,
+                                  offset=vocab_offset(V, axis), tau=tau)
     idx, bad, lse = combine_rows(idx, nan, mx, lse, axis)
     if not with_probs:
-        return finish_onehot(idx, bad, drafts, valid)
-    return finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
-                        valid, temperature, axis=axis)
+        res = finish_onehot(idx, bad, drafts, valid)
+    else:
+        res = finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
+                           valid, temperature, axis=axis, tau=tau)
+    if logprobs:
+        res = add_logprobs(res, logits, params, tau, lse, n_top, axis=axis)
+    return res
 
 
-_verify_jit = jax.jit(functools.partial(_verify, axis=None))
+_verify_jit = jax.jit(functools.partial(_verify, axis=None), static_argnames=("logprobs", "n_top"))
