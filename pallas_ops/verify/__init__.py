@@ -2,6 +2,8 @@
 
     api.py          verify_accept: the public wrapper (static checks, block-size choice)
     kernel.py       the pl.pallas_call and its kernel body
+    filter_kernel.py  top-k / top-p / min-p: the filtered sequences' pass (thresholds, sample)
+    filters.py      the filters' parameters and their plain-jnp thresholds
     xla.py          the plain-jnp twin, and the host-side steps the kernel shares with it
     block_sizes.py  VerifyAcceptBlockSizes and the per-generation table
     validation.py   static argument checks

@@ -4,14 +4,13 @@ Every filter keeps {y >= threshold} of a row's tempered logits y = logits / T (s
 `reference/verify.py`), so a row's whole filter is one float32 threshold `tau` [B, bs] (-inf:
 nothing filtered). The Gumbel-max sample and the accept test then run on y restricted to
 {y >= tau}. `thresholds` is the sort-based jnp computation (the xla twin's); the Pallas path
-finds the same thresholds by bisection (`pallas_ops.verify.threshold_kernel`).
+finds the same thresholds among per-lane candidates, or by bisection (`filter_kernel`).
 """
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
 import jax.numpy as jnp
-from jax import lax
 
 
 class Filters(NamedTuple):
@@ -69,8 +68,3 @@ def keep(y, tau):
     """y [B, bs, V] f32 -> y on the kept set, -inf elsewhere (tau [B, bs])."""
     return jnp.where(y >= tau[..., None], y, -jnp.inf)
 
-
-def bits_key(x):
-    """float32 -> int32 with the same order (for bisection over values)."""
-    b = lax.bitcast_convert_type(x, jnp.int32)
-    return b ^ (lax.shift_right_arithmetic(b, jnp.int32(31)) & jnp.int32(0x7FFFFFFF))

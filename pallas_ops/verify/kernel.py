@@ -43,7 +43,7 @@ from pallas_ops import rng
 from pallas_ops.chips import CHIPS
 from pallas_ops.verify.block_sizes import LANES
 from pallas_ops.verify.result import VerifyResult
-from pallas_ops.verify.threshold_kernel import thresholds_call
+from pallas_ops.verify.filter_kernel import NOT_FAST, filters_call
 from pallas_ops.verify.xla import (add_logprobs, combine_rows, finish_onehot, finish_probs,
                                    row_drafts, row_params, seq_valid, vocab_offset, vocab_size)
 
@@ -77,6 +77,8 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         key_ref = next(it)                             # VMEM int32 [bb, bs, 1]: rng row key
     if filtered:
         tau_ref = next(it)                             # VMEM f32 [bb, bs, 1]: kept y >= tau
+        ftok_ref = next(it)                            # VMEM int32 [bb, bs, 1]: the filter
+        #                                                pass's token, or NOT_FAST
     # Outputs
     if stats:
         idx_out = next(it)                             # VMEM int32 [bb, bs, 1]: winner per row
@@ -153,7 +155,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         ls_sc[b] = ls_sc[b] * jnp.exp(m_old - m_safe) + jnp.sum(acc, -1, keepdims=True)
         lm_sc[b] = m_new
 
-    def greedy_seq(b, masked):
+    def greedy_seq(b, masked, lse=True):
         # Per lane and row: m = running max (jnp.maximum: a NaN propagates into m), cid = the
         # first chunk (global 128-lane chunk number) reaching it (strict >: lowest index wins
         # ties). Global index = cid * 128 + lane.
@@ -170,7 +172,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         m, cid = lax.fori_loop(0, ngroups, group, (m_sc[b], c_sc[b]))
         m_sc[b] = m
         c_sc[b] = cid
-        if greedy_lse:   # log-probabilities of greedy rows: lse of the raw logits (m = its max)
+        if greedy_lse and lse:   # log-probabilities of greedy rows: lse of the raw logits (m = its max)
             lse_tile(b, masked, m, None, None)
 
     def sampling_seq(b, masked, filt):
@@ -226,6 +228,10 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
                 def _():
                     sampling_seq(b, masked, True)
 
+                @pl.when(kind == 3)   # sampled by the filter pass: the max only (NaN, -inf)
+                def _():
+                    greedy_seq(b, masked, lse=False)
+
             @pl.when(kind == 0)
             def _():
                 greedy_seq(b, masked)
@@ -253,14 +259,18 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         gidx = c_sc[...] * LANES + lax.broadcasted_iota(jnp.int32, m.shape, 2)
         tok = jnp.min(jnp.where(m == mx, gidx, _BIG), axis=-1, keepdims=True)
         nan = jnp.max(jnp.where(m != m, 1, 0), axis=-1, keepdims=True) > 0
+        bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
+        if filtered:   # rows the filter pass sampled (their NaN / -inf check is the fold's)
+            ftok = ftok_ref[...]
+            tok = jnp.where(ftok != NOT_FAST, ftok, tok)
         if stats:   # per-row statistics; the accept decision is made outside (xla.finish_*)
+            # (rows the filter pass sampled: their lse is merged outside)
             idx_out[...] = tok + offset
             nan_out[...] = nan.astype(jnp.int32)
             max_out[...] = mx
             if with_lse:
                 lse_out[...] = lm_sc[...] + jnp.log(ls_sc[...])
             return
-        bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
         seq_id = i * bb + lax.broadcasted_iota(jnp.int32, (bb, 1, 1), 0)
         j = lax.broadcasted_iota(jnp.int32, (bb, bs, 1), 1)
         match = tok == drafts_ref[...]                       # row bs-1 never matches (-1)
@@ -320,8 +330,8 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, tau, *, bsz, with
         prefetch.append(samp_seq)
     filtered = tau is not None
     if filtered:
-        in_specs.append(row_spec)
-        args.append(tau[..., None])
+        in_specs += [row_spec] * 2
+        args += [tau[0][..., None], tau[1][..., None]]
     if stats:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
@@ -398,20 +408,26 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
         samp_seq = samp.astype(jnp.int32)                         # per sequence
         if filt is not None:
             active = filt.active(samp) & (jnp.arange(B) < ns[0])
-            tau = lax.cond(
+            tau, ftok, flse = lax.cond(
                 jnp.any(active),
-                lambda: thresholds_call(logits, params[0], active, *filt, interpret=interpret,
-                                        chip=chip),
-                lambda: jnp.full((B, bs), -jnp.inf, jnp.float32))
-            samp_seq = jnp.where(active, 2, samp_seq).astype(jnp.int32)
-    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis), tau,
+                lambda: filters_call(logits, params[0], params[2], active, *filt,
+                                     interpret=interpret, chip=chip),
+                lambda: (jnp.full((B, bs), -jnp.inf, jnp.float32),
+                         jnp.full((B, bs), NOT_FAST, jnp.int32), jnp.zeros((B, bs), jnp.float32)))
+            finished = active & jnp.all(ftok != NOT_FAST, axis=1)
+            samp_seq = jnp.where(finished, 3, jnp.where(active, 2, samp_seq)).astype(jnp.int32)
+    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis),
+                        None if tau is None else (tau, ftok),
                         bsz=bsz, with_lse=with_lse, stats=stats, interpret=interpret, chip=chip,
                         greedy_lse=logprobs)
     if not stats:
         tok, acc = outs
         return VerifyResult(acc[:, 0, 0], tok[..., 0])
     idx, nan, mx, *lse = (o[..., 0] for o in outs)
-    idx, bad, lse = combine_rows(idx, nan > 0, mx, lse[0] if lse else None, axis)
+    lse = lse[0] if lse else None
+    if tau is not None and lse is not None:   # rows the filter pass sampled (idx: merged in
+        lse = jnp.where(ftok != NOT_FAST, flse, lse)   # the kernel; mx, nan: the kernel's fold)
+    idx, bad, lse = combine_rows(idx, nan > 0, mx, lse, axis)
     valid = seq_valid(B, num_seqs)
     if draft_probs is None or params is None:
         res = finish_onehot(idx, bad, drafts, valid)

@@ -102,4 +102,6 @@ def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, n
         elif _shape(num_seqs) not in ((), (1,)):
             raise ValueError(f"num_seqs must be an int or an int32 scalar, got shape "
                              f"{_shape(num_seqs)}")
+    check_filters(B, V, temperature, top_k, top_p, min_p, return_logprobs, top_logprobs,
+                  vocab_axis_name)
     return B, bs, V

@@ -1,0 +1,103 @@
+"""Benchmark protocol of the filters' pass (`pallas_ops.verify.filter_kernel`, "verify_filters").
+
+Shapes: the Qwen3 verify shape (B=64 bs=16 V=151936 bf16), every sequence sampling (T = 0.8)
+under one filter setting: top-k 50, top-p 0.9, both, min-p 0.05.
+
+- `build(shape, *, chip)`: the whole filtered `verify_accept` call (this pass, then the sampling
+  kernel, whose fast-path sequences skip their compute); `hbm_bytes(shape)`: the two-read floor
+  (2 x B x bs x V x itemsize), the limit the issue sets for a filtered row.
+- `main_loop(shape, *, chip)`: this pass's grid loop; one iteration = one sequence (bs rows x the
+  whole vocabulary in VMEM). The hot path is the fast path: the insertion sweep, the candidates'
+  bisections and sample, the total-mass sweep for top-p without top-k; the fallback (bisection
+  over every entry, for rows whose kept set leaves the 512 candidates) is declared skipped.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+KERNEL = "verify_filters"
+CALL_NAME = "verify_filters"
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterShape:
+    name: str
+    batch: int
+    block_size: int
+    vocab: int
+    dtype: str = "bfloat16"
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+
+
+SHAPES = [
+    FilterShape("qwen3-b64-bs16-topk50", 64, 16, 151936, top_k=50),
+    FilterShape("qwen3-b64-bs16-topp09", 64, 16, 151936, top_p=0.9),
+    FilterShape("qwen3-b64-bs16-topk50-topp09", 64, 16, 151936, top_k=50, top_p=0.9),
+    FilterShape("qwen3-b64-bs16-minp005", 64, 16, 151936, min_p=0.05),
+]
+
+
+def shapes() -> list:
+    return list(SHAPES)
+
+
+def find(name: str):
+    return next(s for s in SHAPES if s.name == name)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"bfloat16": 2, "float32": 4}[dtype]
+
+
+def build(shape, *, chip: str = "v5p", interpret=False):
+    """(fn, args): fn(logits, draft_tokens, seed) -> VerifyResult, T = 0.8 and the shape's
+    filter for every sequence."""
+    import jax
+    import jax.numpy as jnp
+
+    from pallas_ops.verify import verify_accept
+
+    B, bs, V = shape.batch, shape.block_size, shape.vocab
+    S = jax.ShapeDtypeStruct
+
+    def fn(logits, drafts, seed):
+        return verify_accept(
+            logits, drafts, temperature=jnp.full((B,), 0.8, jnp.float32), seed=seed,
+            position=jnp.full((B,), 1000, jnp.int32),
+            top_k=jnp.full((B,), shape.top_k, jnp.int32) if shape.top_k else None,
+            top_p=jnp.full((B,), shape.top_p, jnp.float32) if shape.top_p < 1 else None,
+            min_p=jnp.full((B,), shape.min_p, jnp.float32) if shape.min_p else None,
+            interpret=interpret, chip=chip)
+
+    return fn, (S((B, bs, V), jnp.dtype(shape.dtype)), S((B, bs - 1), jnp.int32),
+                S((B,), jnp.int32))
+
+
+def hbm_bytes(shape) -> int:
+    """The two-read floor of a filtered row."""
+    return 2 * shape.batch * shape.block_size * shape.vocab * _itemsize(shape.dtype)
+
+
+def main_loop(shape, *, chip: str = "v5p"):
+    from bench.static import MainLoop
+    from pallas_ops.chips import CHIPS
+
+    B, bs, V = shape.batch, shape.block_size, shape.vocab
+    return MainLoop(
+        call_name=CALL_NAME,
+        bytes_per_iteration=bs * V * _itemsize(shape.dtype),
+        iterations=B,
+        cores=min(CHIPS[chip].tensorcores, B),
+        loop_depth=1,
+    )
+
+
+def concrete_args(shape, seed: int = 0):
+    import jax
+    import jax.numpy as jnp
+    _, specs = build(shape)
+    logits = jax.random.normal(jax.random.key(seed), specs[0].shape, specs[0].dtype) * 3
+    drafts = jnp.argmax(logits[:, :-1], -1).astype(jnp.int32)
+    return logits, drafts, jnp.arange(shape.batch, dtype=jnp.int32)

@@ -1,0 +1,393 @@
+"""The filters' pass: top-k / top-p / min-p thresholds and, mostly, the sample itself, one kernel.
+
+A filtered row keeps {y >= tau} of y = logits * (1/T) (semantics in `reference/verify.py`); its
+token is the Gumbel-max winner over the kept set, with the noise of `pallas_ops.rng` (the same
+stream as unfiltered rows). This kernel ("verify_filters") copies each filtered sequence's logits
+into VMEM, `r` rows x the whole vocabulary per grid step (one HBM read), and works there.
+
+Fast path (one sweep of the VMEM copy): per row and per lane (vocab index mod 128), the 4 largest
+logits with their chunk ids, an insertion network of max / min / select. The 512 candidates of a
+row hold every entry whose value is above lam = the largest 4th-best over the lanes (an entry
+left out is at most its lane's 4th best). The thresholds are found among the candidates: top-k's
+k-th largest, top-p's boundary (the total mass of the row, when top-k does not bound it, by one
+more sweep: sum exp(y - max)), min-p's max + log(min_p); a row is exact on the fast path when
+every threshold it uses lies strictly above lam: then the kept set is inside the candidates,
+and its Gumbel-max winner, score and log-sum-exp are computed on the 512 candidates only (the
+noise of 512 entries, not of V). Such rows are finished here (`ftok` >= 0); the sampling kernel
+only folds their max (to detect a NaN or a row of all -inf, as for every row). bf16 logits sort
+as one int32 per entry (the value's order-preserving key in the high 16 bits, 0xFFFF - chunk id
+in the low 16), so the network is max / min only (~13 VALU ops per logit); f32 logits carry the
+ids by select (~22 ops per logit: their HBM time per logit is twice bf16's).
+
+Fallback (a row whose kept set reaches below lam: k > ~100, or a flat distribution under top-p
+or min-p): tau by bisection over the 32-bit order-preserving keys of y, 32 VMEM sweeps of
+compare + count (top-k) and of compare + sum over exp(y - max) kept in a VMEM scratch (top-p);
+`ftok` = -1, and the sampling kernel (`pallas_ops.verify.kernel`) samples above tau in its own
+read of the logits: still two reads. The branch is taken per grid step, only when some row
+needs it.
+
+Sequences without a filter (and greedy ones) are not fetched: their block index repeats the
+previous block's (the pipeline skips an unchanged block), their compute is skipped, ftok = -1
+and tau = -inf. Counts and masses are float32 sums (counts exact to 2^24 entries); a top-p
+boundary within float32 rounding of p * mass may fall one value apart from the float64
+reference's.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_ops import rng
+from pallas_ops.chips import CHIPS
+from pallas_ops.verify.block_sizes import LANES
+
+_NEG_INF = float("-inf")
+STEPS = 32          # bisection steps over 32-bit keys: exact
+CANDIDATES = 4      # per lane and row
+NOT_FAST = -1       # ftok: the row was not finished here
+UNROLL = 8
+# The packed key of -inf with the lowest index field: below every entry's key.
+_NEG_INF_PACKED = (0xFF800000 ^ 0x7FFF0000) - (1 << 32)
+
+
+def _key(y):
+    """f32 -> int32 with the same order (-0.0 just below +0.0)."""
+    b = lax.bitcast_convert_type(y, jnp.int32)
+    return b ^ (lax.shift_right_arithmetic(b, jnp.int32(31)) & jnp.int32(0x7FFFFFFF))
+
+
+def _unkey(k):
+    b = k ^ (lax.shift_right_arithmetic(k, jnp.int32(31)) & jnp.int32(0x7FFFFFFF))
+    return lax.bitcast_convert_type(b, jnp.float32)
+
+
+def _ceil_mid(lo, hi):
+    """ceil((lo + hi) / 2) without int32 overflow (lo <= hi)."""
+    sra = lambda v: lax.shift_right_arithmetic(v, jnp.int32(1))   # noqa: E731
+    return sra(lo) + sra(hi) + ((lo | hi) & 1)
+
+
+def _bisect(lo, hi, cond):
+    """The largest int32 key t in [lo, hi] with cond(value of t), given cond(lo) holds."""
+    def step(_, st):
+        lo, hi = st
+        mid = _ceil_mid(lo, hi)
+        ok = cond(_unkey(mid)) & (lo < hi)
+        lo = jnp.where(ok, mid, lo)
+        hi = jnp.where(ok | (lo >= hi), hi, mid - 1)
+        return lo, hi
+    return lax.fori_loop(0, STEPS, step, (lo, hi))[0]
+
+
+def _rsum(parts):
+    """Sum of a list of [r, 128] arrays over the list and the lanes -> [r, 1]."""
+    tot = parts[0]
+    for q in parts[1:]:
+        tot = tot + q
+    return jnp.sum(tot, axis=-1, keepdims=True)
+
+
+def _kernel(*refs, V, Vp, r, packed):
+    it = iter(refs)
+    # Prefetch
+    flags_ref = next(it)        # SMEM int32 [B]: 0 not filtered, else 1 | 2 top-k | 4 top-p | 8
+    next(it)                    # SMEM int32 [B]: the block each sequence maps to (index maps)
+    # Inputs
+    x_ref = next(it)            # VMEM [1, r, Vp] f32/bf16: r rows of one sequence (tail padded)
+    invt_ref = next(it)         # VMEM f32 [1, r, 1]: 1/T
+    key_ref = next(it)          # VMEM int32 [1, r, 1]: rng row key (stream 0)
+    k_ref = next(it)            # VMEM int32 [1, r, 1]: top_k (0 = off)
+    p_ref = next(it)            # VMEM f32 [1, r, 1]: top_p (1 = off)
+    m_ref = next(it)            # VMEM f32 [1, r, 1]: min_p (0 = off)
+    # Outputs
+    tau_ref = next(it)          # VMEM f32 [1, r, 1]: kept set {y >= tau} (-inf: none)
+    ftok_ref = next(it)         # VMEM int32 [1, r, 1]: winner, or NOT_FAST
+    flse_ref = next(it)         # VMEM f32 [1, r, 1]: log-sum-exp of the kept y (fast rows)
+    # Scratch
+    e_sc = next(it)             # VMEM f32 [r, Vp]: exp(y - M) on y >= tau_k (fallback top-p)
+
+    i = pl.program_id(0)
+    flags = flags_ref[i]
+    nchunks = Vp // LANES
+    ngroups, nrest = divmod(nchunks, UNROLL)
+    tail = V % LANES
+    lane = lax.broadcasted_iota(jnp.int32, (r, LANES), 1)
+
+    def x_at(c):
+        """Chunk c (traced, or a static int) of the block as f32 [r, 128]; lanes >= V of the
+        last chunk (static) are -inf."""
+        col = c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
+        x = x_ref[0, :, pl.ds(col, LANES)].astype(jnp.float32)
+        if tail and isinstance(c, int) and c == nchunks - 1:
+            x = jnp.where(lane < V - c * LANES, x, _NEG_INF)
+        return x
+
+    def sweep(fn, acc):
+        """acc = fn(c, acc) over every chunk, UNROLL at a time (the last, masked, chunk and the
+        remainder of the groups unrolled statically)."""
+        last_masked = bool(tail)
+        body = ngroups if not (last_masked and nrest == 0) else ngroups - 1
+        if body > 0:
+            def group(g, a):
+                for u in range(UNROLL):
+                    a = fn(g * UNROLL + u, a)
+                return a
+            acc = lax.fori_loop(0, body, group, acc)
+        for c in range(body * UNROLL, nchunks):
+            acc = fn(c, acc)
+        return acc
+
+    @pl.when(flags == 0)
+    def _skip():
+        tau_ref[...] = jnp.full(tau_ref.shape, _NEG_INF, jnp.float32)
+        ftok_ref[...] = jnp.full(ftok_ref.shape, NOT_FAST, jnp.int32)
+        flse_ref[...] = jnp.zeros(flse_ref.shape, jnp.float32)
+
+    @pl.when(flags != 0)
+    def _run():
+        invt = invt_ref[0]                                             # [r, 1]
+        k = k_ref[0]
+        p = p_ref[0]
+        mp = m_ref[0]
+        on_k = (flags & 2) != 0
+        on_p = (flags & 4) != 0
+        on_m = (flags & 8) != 0
+
+        # 1. Per lane, the CANDIDATES largest x and their chunk ids (descending; equal values
+        # keep the earlier chunk first: the lower index, as jnp.argmax).
+        if packed:
+            # bf16 logits: the value's order-preserving key in the high 16 bits (a bf16-derived
+            # f32 has 16 zero low bits) and 0xFFFF - chunk id in the low 16: one int32 whose
+            # order is (value, then lower index), sorted by max / min alone.
+            def insert(c, st):
+                b = lax.bitcast_convert_type(x_at(c), jnp.int32)
+                sgn = lax.shift_right_arithmetic(b, jnp.int32(31))
+                t = (b ^ (sgn & jnp.int32(0x7FFF0000))) | jnp.int32(0xFFFF - c) \
+                    if isinstance(c, int) else (b ^ (sgn & jnp.int32(0x7FFF0000))) | (0xFFFF - c)
+                out = []
+                for a in st:
+                    out.append(jnp.maximum(a, t))
+                    t = jnp.minimum(a, t)
+                return tuple(out)
+
+            empty = jnp.int32(_NEG_INF_PACKED)
+            keys = sweep(insert, tuple(jnp.full((r, LANES), empty, jnp.int32)
+                                       for _ in range(CANDIDATES)))
+            vals, ids = [], []
+            for kk in keys:
+                hi = (kk & jnp.int32(-65536)) | (lax.shift_right_arithmetic(kk, jnp.int32(31))
+                                                 & jnp.int32(0xFFFF))
+                vals.append(_unkey(hi))
+                ids.append(jnp.int32(0xFFFF) - (kk & jnp.int32(0xFFFF)))
+        else:
+            def insert(c, st):
+                vals, ids = list(st[0]), list(st[1])
+                t, ti = x_at(c), jnp.full((r, LANES), c, jnp.int32)
+                for j in range(CANDIDATES):
+                    gt = t > vals[j]
+                    hi, lo = jnp.maximum(vals[j], t), jnp.minimum(vals[j], t)
+                    ids[j], ti = jnp.where(gt, ti, ids[j]), jnp.where(gt, ids[j], ti)
+                    vals[j], t = hi, lo
+                return tuple(vals), tuple(ids)
+
+            init = (tuple(jnp.full((r, LANES), _NEG_INF, jnp.float32)
+                          for _ in range(CANDIDATES)),
+                    tuple(jnp.zeros((r, LANES), jnp.int32) for _ in range(CANDIDATES)))
+            vals, ids = sweep(insert, init)
+        ys = [v * invt for v in vals]                                   # y of the candidates
+        gidx = [ci * LANES + lane for ci in ids]                        # their vocab indices
+        M = jnp.max(ys[0], axis=-1, keepdims=True)                      # row max of y
+        # (a NaN logit, or a row of all -inf, fails the sequence: the sampling kernel detects
+        # it in its own read; here it only must not break anything)
+        bad = (M != M) | (M == _NEG_INF)
+        m_safe = jnp.where(bad, 0.0, M)
+        lam = jnp.max(ys[-1], axis=-1, keepdims=True)                   # candidates: all y > lam
+
+        # 2. Thresholds from the candidates (exact where above lam).
+        def count_c(t):
+            return _rsum([jnp.where(y >= t, 1.0, 0.0) for y in ys])
+
+        key_lo = _key(jnp.full((r, 1), _NEG_INF, jnp.float32))
+        key_m = _key(jnp.where(bad, _NEG_INF, M))
+        kf = k.astype(jnp.float32)
+        tau_k = jnp.where(on_k & (k > 0) & (k < V),
+                          _unkey(_bisect(key_lo, key_m, lambda t: count_c(t) >= kf)), _NEG_INF)
+        ok = jnp.logical_not(on_k) | (tau_k > lam)
+        es = [jnp.where(y >= tau_k, jnp.exp(y - m_safe), 0.0) for y in ys]
+        mass_k = _rsum(es)                                              # mass of the top-k set
+
+        def total_mass():
+            # top-p without top-k: the whole row's mass, one more sweep of the VMEM copy
+            def add(c, a):
+                return a + jnp.exp(x_at(c) * invt - m_safe)
+            return jnp.sum(sweep(add, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
+                           keepdims=True)
+
+        if_p_alone = on_p & jnp.logical_not(on_k)
+        z = lax.cond(if_p_alone, total_mass, lambda: mass_k)
+        target = p * z
+        key_p = _bisect(_key(tau_k), key_m,
+                        lambda t: _rsum([jnp.where(y >= t, e, 0.0) for y, e in zip(ys, es)])
+                        >= target)
+        tau_p = jnp.where(on_p & (p < 1.0), _unkey(key_p), _NEG_INF)
+        ok = ok & (jnp.logical_not(on_p) | (tau_p > lam))
+        tau_m = jnp.where(on_m & (mp > 0.0), M + jnp.log(jnp.where(mp > 0.0, mp, 1.0)),
+                          _NEG_INF)
+        ok = ok & (jnp.logical_not(on_m) | (tau_m > lam))
+        tau = jnp.maximum(jnp.maximum(tau_k, tau_p), tau_m)
+        ok = ok | bad
+
+        # 3. The fast rows' sample: Gumbel-max over the kept candidates (the reference's noise,
+        # keyed by the global index), lowest index among equal scores; and their lse.
+        key = key_ref[0]
+        scores = [jnp.where(y >= tau, y - jnp.log(-jnp.log(rng.uniform(rng.bits(key, g)))),
+                            _NEG_INF) for y, g in zip(ys, gidx)]
+        best = scores[0]
+        for s in scores[1:]:
+            best = jnp.maximum(best, s)
+        smax = jnp.max(best, axis=-1, keepdims=True)
+        big = jnp.int32(2 ** 31 - 1)
+        win = scores[0] == smax
+        cand = jnp.where(win, gidx[0], big)
+        for s, g in zip(scores[1:], gidx[1:]):
+            cand = jnp.minimum(cand, jnp.where(s == smax, g, big))
+        tok = jnp.min(cand, axis=-1, keepdims=True)
+        kept = _rsum([jnp.where(y >= tau, jnp.exp(y - m_safe), 0.0) for y in ys])
+        tau_ref[0] = tau
+        ftok_ref[0] = jnp.where(ok, jnp.maximum(tok, 0), NOT_FAST)
+        flse_ref[0] = m_safe + jnp.log(kept)
+
+        # 4. Fallback: exact thresholds by bisection over every entry of the VMEM copy.
+        @pl.when(jnp.logical_not(jnp.all(ok)))
+        def _fallback():
+            def count_all(t):
+                return jnp.sum(sweep(lambda c, a: a + jnp.where(x_at(c) * invt >= t, 1.0, 0.0),
+                                     jnp.zeros((r, LANES), jnp.float32)),
+                               axis=-1, keepdims=True)
+
+            tk = jnp.where(on_k & (k > 0) & (k < V),
+                           _unkey(_bisect(key_lo, key_m, lambda t: count_all(t) >= kf)),
+                           _NEG_INF)
+
+            def store(c, a):
+                y = x_at(c) * invt
+                e = jnp.where(y >= tk, jnp.exp(y - m_safe), 0.0)
+                col = c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
+                e_sc[:, pl.ds(col, LANES)] = e
+                return a + e
+
+            zk = jnp.sum(sweep(store, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
+                         keepdims=True)
+
+            def mass_all(t):
+                def add(c, a):
+                    col = c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
+                    return a + jnp.where(x_at(c) * invt >= t, e_sc[:, pl.ds(col, LANES)], 0.0)
+                return jnp.sum(sweep(add, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
+                               keepdims=True)
+
+            tp = lax.cond(on_p,
+                          lambda: _unkey(_bisect(_key(tk), key_m,
+                                                 lambda t: mass_all(t) >= p * zk)),
+                          lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
+            tp = jnp.where(on_p & (p < 1.0), tp, _NEG_INF)
+            exact = jnp.maximum(jnp.maximum(tk, tp), tau_m)
+            tau_ref[0] = jnp.where(ok, tau, exact)
+
+
+def rows_per_block(bs, V, itemsize, chip):
+    """Rows of one sequence per grid step: all bs when two input buffers and the e scratch fit
+    in a quarter of the chip's VMEM, else the largest multiple of 16 that does."""
+    budget = (CHIPS[chip].vmem_bytes if chip in CHIPS else 64 << 20) // 4
+    per_row = -(-V // LANES) * LANES * (2 * itemsize + 4)
+    if bs * per_row <= budget:
+        return bs
+    r = max(16, (budget // per_row) // 16 * 16)
+    return min(r, bs)
+
+
+def filter_flags(active, top_k, top_p, min_p, V):
+    """int32 [B]: 0 for sequences that are not filtered, else 1 | 2 (top-k) | 4 (top-p) | 8."""
+    f = (1 + 2 * ((top_k > 0) & (top_k < V)) + 4 * (top_p < 1.0) + 8 * (min_p > 0.0))
+    return jnp.where(active, f, 0).astype(jnp.int32)
+
+
+def source_sequences(active):
+    """int32 [B]: the last active sequence at or before each one (the first active one before
+    any): inactive sequences map onto the block fetched just before them (`block_of`)."""
+    B = active.shape[0]
+    idx = jnp.arange(B, dtype=jnp.int32)
+    last = lax.cummax(jnp.where(active, idx, -1))
+    first = jnp.argmax(active).astype(jnp.int32)
+    return jnp.where(last >= 0, last, first).astype(jnp.int32)
+
+
+def block_of(i, g, flags, src, nrg):
+    """The (sequence, row group) block grid step (i, g) reads: its own when sequence i is
+    filtered; else the block the step before it read (the last row group of the previous
+    filtered sequence, or the first filtered sequence's first block before any), which the
+    pipeline does not fetch again: only filtered sequences are read."""
+    on = flags[i] != 0
+    before = src[i] < i
+    return src[i], jnp.where(on, g, jnp.where(before, nrg - 1, 0))
+
+
+def filters_call(logits, inv_t, key, active, top_k, top_p, min_p, *, interpret, chip):
+    """logits [B, bs, V]; inv_t f32, key int32 [B, bs] (`xla.row_params`); active bool [B]
+    (sampling with a filter); top_k int32, top_p / min_p f32 [B] ->
+    (tau f32 [B, bs] (-inf where not active), ftok int32 [B, bs] (winner, or NOT_FAST),
+    flse f32 [B, bs] (the kept set's log-sum-exp where ftok >= 0))."""
+    B, bs, V = logits.shape
+    Vp = -(-V // LANES) * LANES
+    itemsize = jnp.dtype(logits.dtype).itemsize
+    r = rows_per_block(bs, V, itemsize, chip)
+    nrg = pl.cdiv(bs, r)
+    flags = filter_flags(active, top_k, top_p, min_p, V)
+    src = source_sequences(active)
+
+    def in_map(i, g, flags_ref, src_ref):
+        return block_of(i, g, flags_ref, src_ref, nrg) + (0,)
+
+    def out_map(i, g, *_):
+        return i, g, 0
+
+    per_row = lambda v, dt: jnp.broadcast_to(v.astype(dt)[:, None, None], (B, bs, 1))  # noqa
+    row = pl.BlockSpec((1, r, 1), in_map)
+    out = pl.BlockSpec((1, r, 1), out_map)
+    n = B * bs * V
+    # VALU ops per logit on the fast path: unpack, mask, 4 levels of compare / max / min / two
+    # selects; the total-mass sweep (top-p alone) adds ~4 and one exp. The fallback's 32-step
+    # bisections are not counted (taken only by rows whose kept set leaves the candidates).
+    cost = pl.CostEstimate(flops=n * 22, transcendentals=n,
+                           bytes_accessed=n * itemsize + B * bs * 4 * 9)
+    vmem = 2 * r * Vp * itemsize + r * Vp * 4 + (1 << 20)
+    budget = CHIPS[chip].vmem_bytes if chip in CHIPS else 64 << 20
+    packed = jnp.dtype(logits.dtype) == jnp.bfloat16 and Vp // LANES <= 0xFFFF
+    kernel = functools.partial(_kernel, V=V, Vp=Vp, r=r, packed=packed)
+    f32 = jax.ShapeDtypeStruct((B, bs, 1), jnp.float32)
+    i32 = jax.ShapeDtypeStruct((B, bs, 1), jnp.int32)
+    tau, ftok, flse = pl.pallas_call(
+        kernel,
+        out_shape=[f32, i32, f32],
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=2,
+            grid=(B, nrg),
+            in_specs=[pl.BlockSpec((1, r, Vp), in_map)] + [row] * 5,
+            out_specs=[out, out, out],
+            scratch_shapes=[pltpu.VMEM((r, Vp), jnp.float32)],
+        ),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "arbitrary"),
+            vmem_limit_bytes=int(min(budget, max(2 * vmem, 16 << 20))),
+        ),
+        cost_estimate=cost,
+        interpret=interpret,
+        name="verify_filters",
+    )(flags, src, logits, inv_t[..., None], key[..., None], per_row(top_k, jnp.int32),
+      per_row(top_p, jnp.float32), per_row(min_p, jnp.float32))
+    return tau[..., 0], ftok[..., 0], flse[..., 0]
