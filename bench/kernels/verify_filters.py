@@ -83,14 +83,32 @@ def hbm_bytes(shape) -> int:
 def main_loop(shape, *, chip: str = "v5p"):
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
+    from pallas_ops.verify.filter_kernel import UNROLL
 
     B, bs, V = shape.batch, shape.block_size, shape.vocab
+    nchunks = -(-V // 128)
+    groups = nchunks // UNROLL - (1 if V % 128 and nchunks % UNROLL == 0 else 0)
+    steps = 16 if shape.dtype == "bfloat16" else 32
+    on_k, on_p = bool(shape.top_k), shape.top_p < 1
+    p_alone = on_p and not on_k
+    # Nested loops in schedule order (libtpu 0.0.50.1, `--loops`): the insertion sweep, the
+    # candidates' top-k bisection (top-k only), the total-mass sweep (top-p without top-k), the
+    # candidates' top-p bisection (top-p only), then the fallback's (not run on the fast path):
+    # count bisection [its sweep], store sweep, mass bisection [its sweep]. Forward branches:
+    # a pipeline branch around the step (runs), the unfiltered-sequence stores (skipped), the
+    # filtered body (runs), the top-k bisection (skipped without top-k), the total-mass sweep
+    # and its other side, the top-p bisection (skipped without top-p), the fallback in two
+    # pieces (skipped).
     return MainLoop(
         call_name=CALL_NAME,
         bytes_per_iteration=bs * V * _itemsize(shape.dtype),
         iterations=B,
         cores=min(CHIPS[chip].tensorcores, B),
         loop_depth=1,
+        inner_trips=(groups, steps if on_k else 0, groups if p_alone else 0,
+                     steps if on_p else 0, 0, 0, 0, 0, 0),
+        taken_branches=(False, True, False, not on_k, not p_alone, p_alone, not on_p, True,
+                        True),
     )
 
 

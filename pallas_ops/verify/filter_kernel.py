@@ -15,9 +15,10 @@ every threshold it uses lies strictly above lam: then the kept set is inside the
 and its Gumbel-max winner, score and log-sum-exp are computed on the 512 candidates only (the
 noise of 512 entries, not of V). Such rows are finished here (`ftok` >= 0); the sampling kernel
 only folds their max (to detect a NaN or a row of all -inf, as for every row). bf16 logits sort
-as one int32 per entry (the value's order-preserving key in the high 16 bits, 0xFFFF - chunk id
-in the low 16), so the network is max / min only (~13 VALU ops per logit); f32 logits carry the
-ids by select (~22 ops per logit: their HBM time per logit is twice bf16's).
+as one f32 per entry (the value in the high 16 bits, the chunk id in the low 16), so the network
+is float max / min only (~13 VALU ops per logit); f32 logits carry the ids by select (~21 ops
+per logit: their HBM time per logit is twice bf16's). Packing stands 2^-100 in for +-0 and the
+lowest bf16 for -inf (see `insert`): bf16 subnormal logits read as 2^-100 there.
 
 Fallback (a row whose kept set reaches below lam: k > ~100, or a flat distribution under top-p
 or min-p): tau by bisection over the 32-bit order-preserving keys of y, 32 VMEM sweeps of
@@ -50,9 +51,10 @@ _NEG_INF = float("-inf")
 STEPS = 32          # bisection steps over 32-bit keys: exact
 CANDIDATES = 4      # per lane and row
 NOT_FAST = -1       # ftok: the row was not finished here
+BAD = -2            # ftok: finished here, and invalid (a NaN logit, or all -inf)
 UNROLL = 8
-# The packed key of -inf with the lowest index field: below every entry's key.
-_NEG_INF_PACKED = (0xFF800000 ^ 0x7FFF0000) - (1 << 32)
+_LOWEST_BF16 = -3.3895313892515355e38     # 0xFF7F0000: -inf stands in as this when packed
+_TINY = 2.0 ** -100                        # +-0 stand in as this when packed
 
 
 def _key(y):
@@ -72,16 +74,26 @@ def _ceil_mid(lo, hi):
     return sra(lo) + sra(hi) + ((lo | hi) & 1)
 
 
-def _bisect(lo, hi, cond):
-    """The largest int32 key t in [lo, hi] with cond(value of t), given cond(lo) holds."""
+def _key16(x):
+    """bf16-valued f32 -> the 16-bit order-preserving key (as int32)."""
+    return lax.shift_right_arithmetic(_key(x), jnp.int32(16))
+
+
+def _unkey16(k):
+    return _unkey((k << 16) | (lax.shift_right_arithmetic(k, jnp.int32(31)) & jnp.int32(0xFFFF)))
+
+
+def _bisect(lo, hi, cond, *, steps=STEPS, unkey=_unkey):
+    """The largest key t in [lo, hi] with cond(unkey(t)), given cond(unkey(lo)) holds (keys of
+    32 bits: 32 steps; of 16 bits: 16)."""
     def step(_, st):
         lo, hi = st
         mid = _ceil_mid(lo, hi)
-        ok = cond(_unkey(mid)) & (lo < hi)
+        ok = cond(unkey(mid)) & (lo < hi)
         lo = jnp.where(ok, mid, lo)
         hi = jnp.where(ok | (lo >= hi), hi, mid - 1)
         return lo, hi
-    return lax.fori_loop(0, STEPS, step, (lo, hi))[0]
+    return unkey(lax.fori_loop(0, steps, step, (lo, hi))[0])
 
 
 def _rsum(parts):
@@ -142,6 +154,22 @@ def _kernel(*refs, V, Vp, r, packed):
             acc = fn(c, acc)
         return acc
 
+    def sweep_sum(term):
+        """sum over the row of term(c) [r, 128] -> [r, 1], into UNROLL accumulators (chunk c
+        into slot c % UNROLL: no chain of dependent adds)."""
+        body = ngroups if not (tail and nrest == 0) else ngroups - 1
+        acc = [jnp.zeros((r, LANES), jnp.float32) for _ in range(UNROLL)]
+        if body > 0:
+            def group(g, a):
+                return tuple(a[u] + term(g * UNROLL + u) for u in range(UNROLL))
+            acc = list(lax.fori_loop(0, body, group, tuple(acc)))
+        for c in range(body * UNROLL, nchunks):
+            acc[c % UNROLL] = acc[c % UNROLL] + term(c)
+        tot = acc[0]
+        for a in acc[1:]:
+            tot = tot + a
+        return jnp.sum(tot, axis=-1, keepdims=True)
+
     @pl.when(flags == 0)
     def _skip():
         tau_ref[...] = jnp.full(tau_ref.shape, _NEG_INF, jnp.float32)
@@ -161,33 +189,29 @@ def _kernel(*refs, V, Vp, r, packed):
         # 1. Per lane, the CANDIDATES largest x and their chunk ids (descending; equal values
         # keep the earlier chunk first: the lower index, as jnp.argmax).
         if packed:
-            # bf16 logits: the value's order-preserving key in the high 16 bits (a bf16-derived
-            # f32 has 16 zero low bits) and 0xFFFF - chunk id in the low 16: one int32 whose
-            # order is (value, then lower index), sorted by max / min alone.
-            def insert(c, st):
-                b = lax.bitcast_convert_type(x_at(c), jnp.int32)
-                sgn = lax.shift_right_arithmetic(b, jnp.int32(31))
-                t = (b ^ (sgn & jnp.int32(0x7FFF0000))) | jnp.int32(0xFFFF - c) \
-                    if isinstance(c, int) else (b ^ (sgn & jnp.int32(0x7FFF0000))) | (0xFFFF - c)
+            # bf16 logits: a bf16-derived f32 has 16 zero low bits; the chunk id goes there, so
+            # one f32 per entry carries its value (exactly, in the high 16 bits) and its
+            # index, and the network is float max / min alone. -inf becomes the lowest finite
+            # bf16 and +-0 the normal 2^-100 first (a packed -inf would be a NaN, a packed
+            # zero a subnormal, which compares flushed to zero); within one value, which copy
+            # ranks first does not matter (a row is exact only above the lanes' 4th values).
+            def insert(x, c, st):
+                x = jnp.maximum(jnp.where(x == 0.0, _TINY, x), _LOWEST_BF16)
+                cid = jnp.int32(c) if isinstance(c, int) else c
+                t = lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) | cid,
+                                             jnp.float32)
                 out = []
                 for a in st:
                     out.append(jnp.maximum(a, t))
                     t = jnp.minimum(a, t)
                 return tuple(out)
 
-            empty = jnp.int32(_NEG_INF_PACKED)
-            keys = sweep(insert, tuple(jnp.full((r, LANES), empty, jnp.int32)
-                                       for _ in range(CANDIDATES)))
-            vals, ids = [], []
-            for kk in keys:
-                hi = (kk & jnp.int32(-65536)) | (lax.shift_right_arithmetic(kk, jnp.int32(31))
-                                                 & jnp.int32(0xFFFF))
-                vals.append(_unkey(hi))
-                ids.append(jnp.int32(0xFFFF) - (kk & jnp.int32(0xFFFF)))
+            init = tuple(jnp.full((r, LANES), _LOWEST_BF16, jnp.float32)
+                         for _ in range(CANDIDATES))
         else:
-            def insert(c, st):
+            def insert(x, c, st):
                 vals, ids = list(st[0]), list(st[1])
-                t, ti = x_at(c), jnp.full((r, LANES), c, jnp.int32)
+                t, ti = x, jnp.full((r, LANES), c, jnp.int32)
                 for j in range(CANDIDATES):
                     gt = t > vals[j]
                     hi, lo = jnp.maximum(vals[j], t), jnp.minimum(vals[j], t)
@@ -198,48 +222,85 @@ def _kernel(*refs, V, Vp, r, packed):
             init = (tuple(jnp.full((r, LANES), _NEG_INF, jnp.float32)
                           for _ in range(CANDIDATES)),
                     tuple(jnp.zeros((r, LANES), jnp.int32) for _ in range(CANDIDATES)))
-            vals, ids = sweep(insert, init)
+
+        def insertion_sweep():
+            def group(cs, cand):
+                for c in cs:
+                    cand = insert(x_at(c), c, cand)
+                return cand
+
+            body = ngroups if not (tail and nrest == 0) else ngroups - 1
+            cand = init
+            if body > 0:
+                cand = lax.fori_loop(
+                    0, body, lambda g, st: group([g * UNROLL + u for u in range(UNROLL)], st),
+                    cand)
+            if body * UNROLL < nchunks:
+                cand = group(list(range(body * UNROLL, nchunks)), cand)
+            return cand
+
+        p_alone = on_p & jnp.logical_not(on_k)
+        cand = insertion_sweep()
+        if packed:
+            vals, ids = [], []
+            for kk in cand:
+                bits = lax.bitcast_convert_type(kk, jnp.int32)
+                v = lax.bitcast_convert_type(bits & jnp.int32(-65536), jnp.float32)
+                # (the padding -inf and the filled-in lowest bf16 read back as -inf)
+                vals.append(jnp.where(v == _LOWEST_BF16, _NEG_INF, v))
+                ids.append(bits & jnp.int32(0xFFFF))
+        else:
+            vals, ids = cand
         ys = [v * invt for v in vals]                                   # y of the candidates
         gidx = [ci * LANES + lane for ci in ids]                        # their vocab indices
-        M = jnp.max(ys[0], axis=-1, keepdims=True)                      # row max of y
-        # (a NaN logit, or a row of all -inf, fails the sequence: the sampling kernel detects
-        # it in its own read; here it only must not break anything)
+        Mx = jnp.max(vals[0], axis=-1, keepdims=True)                   # row max of x
+        M = Mx * invt
+        # (a NaN logit propagates into the max; NaN or all -inf fails the sequence)
         bad = (M != M) | (M == _NEG_INF)
         m_safe = jnp.where(bad, 0.0, M)
-        lam = jnp.max(ys[-1], axis=-1, keepdims=True)                   # candidates: all y > lam
+        lam = jnp.max(vals[-1], axis=-1, keepdims=True)     # the candidates hold all x > lam
 
-        # 2. Thresholds from the candidates (exact where above lam).
-        def count_c(t):
-            return _rsum([jnp.where(y >= t, 1.0, 0.0) for y in ys])
-
-        key_lo = _key(jnp.full((r, 1), _NEG_INF, jnp.float32))
-        key_m = _key(jnp.where(bad, _NEG_INF, M))
+        # 2. Thresholds among the candidates, in x (the order of y = x / T), by bisection over
+        # the keys of x: 16 steps for bf16 values, 32 for f32. Exact where above lam.
+        kw = dict(steps=16, unkey=_unkey16) if packed else {}
+        keyf = _key16 if packed else _key
+        key_lo = keyf(jnp.full((r, 1), _NEG_INF, jnp.float32))
+        key_mx = keyf(jnp.where(bad, _NEG_INF, Mx))
         kf = k.astype(jnp.float32)
-        tau_k = jnp.where(on_k & (k > 0) & (k < V),
-                          _unkey(_bisect(key_lo, key_m, lambda t: count_c(t) >= kf)), _NEG_INF)
-        ok = jnp.logical_not(on_k) | (tau_k > lam)
-        es = [jnp.where(y >= tau_k, jnp.exp(y - m_safe), 0.0) for y in ys]
-        mass_k = _rsum(es)                                              # mass of the top-k set
-
+        tx_k = lax.cond(
+            on_k,
+            lambda: _bisect(key_lo, key_mx, lambda t: _rsum([jnp.where(v >= t, 1.0, 0.0)
+                                                             for v in vals]) >= kf, **kw),
+            lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
+        tx_k = jnp.where(on_k & (k > 0) & (k < V), tx_k, _NEG_INF)
+        ok = jnp.logical_not(on_k) | (tx_k > lam)
+        es = [jnp.where(v >= tx_k, jnp.exp(y - m_safe), 0.0) for v, y in zip(vals, ys)]
+        # top-p's mass: of the top-k set (inside the candidates), or of the whole row (the
+        # insertion sweep's per-lane sums, brought to the row max)
         def total_mass():
-            # top-p without top-k: the whole row's mass, one more sweep of the VMEM copy
+            # top-p without top-k: the whole row's mass, one more sweep of the VMEM copy (two
+            # accumulators: half the chain of dependent adds). Its exp per logit is what bounds
+            # it (EUP: ~39 bundles per 16 x 1024 logits on v5p); fused into the insertion
+            # sweep it measured slower (118 bundles per group against 65 + 41).
             def add(c, a):
-                return a + jnp.exp(x_at(c) * invt - m_safe)
-            return jnp.sum(sweep(add, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
-                           keepdims=True)
+                return a[1], a[0] + jnp.exp(x_at(c) * invt - m_safe)
+            a0, a1 = sweep(add, (jnp.zeros((r, LANES), jnp.float32),) * 2)
+            return jnp.sum(a0 + a1, axis=-1, keepdims=True)
 
-        if_p_alone = on_p & jnp.logical_not(on_k)
-        z = lax.cond(if_p_alone, total_mass, lambda: mass_k)
+        z = lax.cond(p_alone, total_mass, lambda: _rsum(es))
         target = p * z
-        key_p = _bisect(_key(tau_k), key_m,
-                        lambda t: _rsum([jnp.where(y >= t, e, 0.0) for y, e in zip(ys, es)])
-                        >= target)
-        tau_p = jnp.where(on_p & (p < 1.0), _unkey(key_p), _NEG_INF)
-        ok = ok & (jnp.logical_not(on_p) | (tau_p > lam))
+        tx_p = lax.cond(
+            on_p,
+            lambda: _bisect(keyf(tx_k), key_mx,
+                            lambda t: _rsum([jnp.where(v >= t, e, 0.0)
+                                             for v, e in zip(vals, es)]) >= target, **kw),
+            lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
+        tx_p = jnp.where(on_p & (p < 1.0), tx_p, _NEG_INF)
+        ok = ok & (jnp.logical_not(on_p) | (tx_p > lam))
         tau_m = jnp.where(on_m & (mp > 0.0), M + jnp.log(jnp.where(mp > 0.0, mp, 1.0)),
                           _NEG_INF)
-        ok = ok & (jnp.logical_not(on_m) | (tau_m > lam))
-        tau = jnp.maximum(jnp.maximum(tau_k, tau_p), tau_m)
+        ok = ok & (jnp.logical_not(on_m) | (tau_m > lam * invt))
+        tau = jnp.maximum(jnp.maximum(tx_k * invt, tx_p * invt), tau_m)
         ok = ok | bad
 
         # 3. The fast rows' sample: Gumbel-max over the kept candidates (the reference's noise,
@@ -259,41 +320,37 @@ def _kernel(*refs, V, Vp, r, packed):
         tok = jnp.min(cand, axis=-1, keepdims=True)
         kept = _rsum([jnp.where(y >= tau, jnp.exp(y - m_safe), 0.0) for y in ys])
         tau_ref[0] = tau
-        ftok_ref[0] = jnp.where(ok, jnp.maximum(tok, 0), NOT_FAST)
+        ftok_ref[0] = jnp.where(ok, jnp.where(bad, BAD, jnp.maximum(tok, 0)), NOT_FAST)
         flse_ref[0] = m_safe + jnp.log(kept)
 
         # 4. Fallback: exact thresholds by bisection over every entry of the VMEM copy.
         @pl.when(jnp.logical_not(jnp.all(ok)))
         def _fallback():
             def count_all(t):
-                return jnp.sum(sweep(lambda c, a: a + jnp.where(x_at(c) * invt >= t, 1.0, 0.0),
-                                     jnp.zeros((r, LANES), jnp.float32)),
-                               axis=-1, keepdims=True)
+                return sweep_sum(lambda c: jnp.where(x_at(c) * invt >= t, 1.0, 0.0))
 
+            key_m = _key(jnp.where(bad, _NEG_INF, M))
             tk = jnp.where(on_k & (k > 0) & (k < V),
-                           _unkey(_bisect(key_lo, key_m, lambda t: count_all(t) >= kf)),
-                           _NEG_INF)
+                           _bisect(_key(jnp.full((r, 1), _NEG_INF, jnp.float32)), key_m,
+                                   lambda t: count_all(t) >= kf), _NEG_INF)
 
-            def store(c, a):
+            def col(c):
+                return c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
+
+            def store(c):
                 y = x_at(c) * invt
                 e = jnp.where(y >= tk, jnp.exp(y - m_safe), 0.0)
-                col = c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
-                e_sc[:, pl.ds(col, LANES)] = e
-                return a + e
+                e_sc[:, pl.ds(col(c), LANES)] = e
+                return e
 
-            zk = jnp.sum(sweep(store, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
-                         keepdims=True)
+            zk = sweep_sum(store)
 
             def mass_all(t):
-                def add(c, a):
-                    col = c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
-                    return a + jnp.where(x_at(c) * invt >= t, e_sc[:, pl.ds(col, LANES)], 0.0)
-                return jnp.sum(sweep(add, jnp.zeros((r, LANES), jnp.float32)), axis=-1,
-                               keepdims=True)
+                return sweep_sum(lambda c: jnp.where(x_at(c) * invt >= t,
+                                                     e_sc[:, pl.ds(col(c), LANES)], 0.0))
 
             tp = lax.cond(on_p,
-                          lambda: _unkey(_bisect(_key(tk), key_m,
-                                                 lambda t: mass_all(t) >= p * zk)),
+                          lambda: _bisect(_key(tk), key_m, lambda t: mass_all(t) >= p * zk),
                           lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
             tp = jnp.where(on_p & (p < 1.0), tp, _NEG_INF)
             exact = jnp.maximum(jnp.maximum(tk, tp), tau_m)

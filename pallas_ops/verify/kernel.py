@@ -43,7 +43,7 @@ from pallas_ops import rng
 from pallas_ops.chips import CHIPS
 from pallas_ops.verify.block_sizes import LANES
 from pallas_ops.verify.result import VerifyResult
-from pallas_ops.verify.filter_kernel import NOT_FAST, filters_call
+from pallas_ops.verify.filter_kernel import BAD, NOT_FAST, filters_call
 from pallas_ops.verify.xla import (add_logprobs, combine_rows, finish_onehot, finish_probs,
                                    row_drafts, row_params, seq_valid, vocab_offset, vocab_size)
 
@@ -262,7 +262,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         bad = nan | (mx == _NEG_INF)                                          # [bb, bs, 1]
         if filtered:   # rows the filter pass sampled (their NaN / -inf check is the fold's)
             ftok = ftok_ref[...]
-            tok = jnp.where(ftok != NOT_FAST, ftok, tok)
+            tok = jnp.where(ftok >= 0, ftok, tok)
         if stats:   # per-row statistics; the accept decision is made outside (xla.finish_*)
             # (rows the filter pass sampled: their lse is merged outside)
             idx_out[...] = tok + offset
@@ -393,50 +393,63 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
     vocabulary (one-hot drafts: the accept scan runs in the kernel). axis = a mesh axis name:
     logits [B, bs, V_local] are this device's shard of the vocabulary (inside shard_map); the
     kernel returns per-row statistics, which `xla.combine_rows` exchanges across the axis (a few
-    scalars per row), and the accept decision follows on every shard alike. filt: `Filters` or
-    None: sequences sampling with a filter first go through `threshold_kernel` (their second
-    read of the logits); the others are not read by it."""
+    scalars per row), and the accept decision follows on every shard alike.
+
+    filt: `Filters` or None. Sequences sampling with a filter go through `filter_kernel` first
+    (the others are not read by it), which samples the rows whose kept set its candidates hold;
+    when that is every live sequence the sampling kernel is not run at all (one read of the
+    logits), else it samples the rest (the filtered ones above their thresholds: their second
+    read) and only folds the max of the finished ones."""
     B, bs, V = logits.shape
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     with_lse = (draft_probs is not None and params is not None) or logprobs
     stats = with_lse or axis is not None
     ns = jnp.clip(num_seqs, 0, B).reshape(1)
-    samp_seq = tau = None
-    if params is not None:
-        samp = params[1][:, 0] > 0
-        samp_seq = samp.astype(jnp.int32)                         # per sequence
-        if filt is not None:
-            active = filt.active(samp) & (jnp.arange(B) < ns[0])
-            tau, ftok, flse = lax.cond(
-                jnp.any(active),
-                lambda: filters_call(logits, params[0], params[2], active, *filt,
-                                     interpret=interpret, chip=chip),
-                lambda: (jnp.full((B, bs), -jnp.inf, jnp.float32),
-                         jnp.full((B, bs), NOT_FAST, jnp.int32), jnp.zeros((B, bs), jnp.float32)))
-            finished = active & jnp.all(ftok != NOT_FAST, axis=1)
-            samp_seq = jnp.where(finished, 3, jnp.where(active, 2, samp_seq)).astype(jnp.int32)
-    outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis),
-                        None if tau is None else (tau, ftok),
-                        bsz=bsz, with_lse=with_lse, stats=stats, interpret=interpret, chip=chip,
-                        greedy_lse=logprobs)
-    if not stats:
-        tok, acc = outs
-        return VerifyResult(acc[:, 0, 0], tok[..., 0])
-    idx, nan, mx, *lse = (o[..., 0] for o in outs)
-    lse = lse[0] if lse else None
-    if tau is not None and lse is not None:   # rows the filter pass sampled (idx: merged in
-        lse = jnp.where(ftok != NOT_FAST, flse, lse)   # the kernel; mx, nan: the kernel's fold)
-    idx, bad, lse = combine_rows(idx, nan > 0, mx, lse, axis)
     valid = seq_valid(B, num_seqs)
-    if draft_probs is None or params is None:
-        res = finish_onehot(idx, bad, drafts, valid)
-    else:
-        res = finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed, position,
-                           valid, temperature, axis=axis, tau=tau)
-    if logprobs:
-        res = add_logprobs(res, logits, params, tau, lse, n_top, axis=axis)
-    return res
+
+    def finish(idx, bad, lse, tau):
+        if draft_probs is None or params is None:
+            res = finish_onehot(idx, bad, drafts, valid)
+        else:
+            res = finish_probs(logits, draft_probs, drafts, idx, bad, lse, params, seed,
+                               position, valid, temperature, axis=axis, tau=tau)
+        if logprobs:
+            res = add_logprobs(res, logits, params, tau, lse, n_top, axis=axis)
+        return res
+
+    def kernel(samp_seq, filtered):
+        outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis),
+                            filtered, bsz=bsz, with_lse=with_lse, stats=stats,
+                            interpret=interpret, chip=chip, greedy_lse=logprobs)
+        if not stats and not logprobs:
+            tok, acc = outs
+            return VerifyResult(acc[:, 0, 0], tok[..., 0])
+        idx, nan, mx, *lse = (o[..., 0] for o in outs)
+        lse = lse[0] if lse else None
+        if filtered is not None and lse is not None:   # rows the filter pass sampled
+            lse = jnp.where(filtered[1] >= 0, flse, lse)
+        idx, bad, lse = combine_rows(idx, nan > 0, mx, lse, axis)
+        return finish(idx, bad, lse, None if filtered is None else filtered[0])
+
+    if params is None or filt is None:
+        return kernel(None if params is None else (params[1][:, 0] > 0).astype(jnp.int32), None)
+    samp = params[1][:, 0] > 0
+    active = filt.active(samp) & valid
+    tau, ftok, flse = lax.cond(
+        jnp.any(active),
+        lambda: filters_call(logits, params[0], params[2], active, *filt, interpret=interpret,
+                             chip=chip),
+        lambda: (jnp.full((B, bs), -jnp.inf, jnp.float32), jnp.full((B, bs), NOT_FAST, jnp.int32),
+                 jnp.zeros((B, bs), jnp.float32)))
+    finished = active & jnp.all(ftok != NOT_FAST, axis=1)
+    samp_seq = jnp.where(finished, 3, jnp.where(active, 2, samp.astype(jnp.int32)))
+
+    def from_filter_pass():
+        return finish(jnp.maximum(ftok, 0), ftok == BAD, flse, tau)
+
+    return lax.cond(jnp.all(finished | ~valid), from_filter_pass,
+                    lambda: kernel(samp_seq.astype(jnp.int32), (tau, ftok)))
 
 
 run_verify_accept = jax.jit(verify_call, static_argnames=("bsz", "interpret", "chip", "axis",
