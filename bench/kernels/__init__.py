@@ -12,8 +12,8 @@ import importlib
 
 # Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped
 # (peer_rpa_v3 needs tpu-inference, not a dependency: see its docstring).
-KERNELS = ("paged", "ragged", "block", "verify", "peer_jax_paged", "peer_jax_ragged",
-           "peer_rpa_v3")
+KERNELS = ("paged", "ragged", "block", "verify", "verify_filters", "peer_jax_paged",
+           "peer_jax_ragged", "peer_rpa_v3")
 
 
 def load_module(kernel: str):

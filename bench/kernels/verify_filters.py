@@ -1,7 +1,9 @@
 """Benchmark protocol of the filters' pass (`pallas_ops.verify.filter_kernel`, "verify_filters").
 
 Shapes: the Qwen3 verify shape (B=64 bs=16 V=151936 bf16), every sequence sampling (T = 0.8)
-under one filter setting: top-k 50, top-p 0.9, both, min-p 0.05.
+under one filter setting: top-k 50, top-p 0.9, both, min-p 0.05 (their fast path), and top-p
+0.9 on the fallback's path (flat rows: then the sampling kernel also samples above tau, its
+cost is the verify_accept sampling row's).
 
 - `build(shape, *, chip)`: the whole filtered `verify_accept` call (this pass, then the sampling
   kernel, whose fast-path sequences skip their compute); `hbm_bytes(shape)`: the two-read floor
@@ -29,6 +31,8 @@ class FilterShape:
     top_k: int = 0
     top_p: float = 1.0
     min_p: float = 0.0
+    fallback: bool = False   # declare the fallback's path (rows whose kept set leaves the
+    #                          candidates: a flat distribution), not the fast path
 
 
 SHAPES = [
@@ -36,6 +40,7 @@ SHAPES = [
     FilterShape("qwen3-b64-bs16-topp09", 64, 16, 151936, top_p=0.9),
     FilterShape("qwen3-b64-bs16-topk50-topp09", 64, 16, 151936, top_k=50, top_p=0.9),
     FilterShape("qwen3-b64-bs16-minp005", 64, 16, 151936, min_p=0.05),
+    FilterShape("qwen3-b64-bs16-topp09-fallback", 64, 16, 151936, top_p=0.9, fallback=True),
 ]
 
 
@@ -97,8 +102,12 @@ def main_loop(shape, *, chip: str = "v5p"):
     # count bisection [its sweep], store sweep, mass bisection [its sweep]. Forward branches:
     # a pipeline branch around the step (runs), the unfiltered-sequence stores (skipped), the
     # filtered body (runs), the top-k bisection (skipped without top-k), the total-mass sweep
-    # and its other side, the top-p bisection (skipped without top-p), the fallback in two
-    # pieces (skipped).
+    # and its other side, the top-p bisection (skipped without top-p), the fallback (skipped
+    # on the fast path), its top-k and top-p parts.
+    fallback = (0, 0, 0, 0, 0)
+    if shape.fallback:   # bisection over every entry: [its sweep], the store sweep, [its sweep]
+        fallback = (steps if on_k else 0, groups, groups if on_p else 0, steps if on_p else 0,
+                    groups)
     return MainLoop(
         call_name=CALL_NAME,
         bytes_per_iteration=bs * V * _itemsize(shape.dtype),
@@ -106,9 +115,10 @@ def main_loop(shape, *, chip: str = "v5p"):
         cores=min(CHIPS[chip].tensorcores, B),
         loop_depth=1,
         inner_trips=(groups, steps if on_k else 0, groups if p_alone else 0,
-                     steps if on_p else 0, 0, 0, 0, 0, 0),
-        taken_branches=(False, True, False, not on_k, not p_alone, p_alone, not on_p, True,
-                        True),
+                     steps if on_p else 0) + fallback,
+        taken_branches=(False, True, False, not on_k, not p_alone, p_alone, not on_p,
+                        not shape.fallback, not (shape.fallback and on_k),
+                        not (shape.fallback and on_p)),
     )
 
 

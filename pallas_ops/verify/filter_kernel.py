@@ -21,8 +21,9 @@ per logit: their HBM time per logit is twice bf16's). Packing stands 2^-100 in f
 lowest bf16 for -inf (see `insert`): bf16 subnormal logits read as 2^-100 there.
 
 Fallback (a row whose kept set reaches below lam: k > ~100, or a flat distribution under top-p
-or min-p): tau by bisection over the 32-bit order-preserving keys of y, 32 VMEM sweeps of
-compare + count (top-k) and of compare + sum over exp(y - max) kept in a VMEM scratch (top-p);
+or min-p): tau by bisection over the order-preserving keys of x (16 steps for bf16, 32 for f32),
+VMEM sweeps of compare + count (top-k) and of compare + sum over exp(y - max) kept in a VMEM
+scratch (top-p);
 `ftok` = -1, and the sampling kernel (`pallas_ops.verify.kernel`) samples above tau in its own
 read of the logits: still two reads. The branch is taken per grid step, only when some row
 needs it.
@@ -323,37 +324,35 @@ def _kernel(*refs, V, Vp, r, packed):
         ftok_ref[0] = jnp.where(ok, jnp.where(bad, BAD, jnp.maximum(tok, 0)), NOT_FAST)
         flse_ref[0] = m_safe + jnp.log(kept)
 
-        # 4. Fallback: exact thresholds by bisection over every entry of the VMEM copy.
+        # 4. Fallback: exact thresholds by bisection over every entry of the VMEM copy, in x
+        # (16 steps for bf16 logits, 32 for f32), as among the candidates.
         @pl.when(jnp.logical_not(jnp.all(ok)))
         def _fallback():
-            def count_all(t):
-                return sweep_sum(lambda c: jnp.where(x_at(c) * invt >= t, 1.0, 0.0))
-
-            key_m = _key(jnp.where(bad, _NEG_INF, M))
-            tk = jnp.where(on_k & (k > 0) & (k < V),
-                           _bisect(_key(jnp.full((r, 1), _NEG_INF, jnp.float32)), key_m,
-                                   lambda t: count_all(t) >= kf), _NEG_INF)
-
             def col(c):
                 return c * LANES if isinstance(c, int) else pl.multiple_of(c * LANES, LANES)
 
-            def store(c):
-                y = x_at(c) * invt
-                e = jnp.where(y >= tk, jnp.exp(y - m_safe), 0.0)
-                e_sc[:, pl.ds(col(c), LANES)] = e
-                return e
+            tk = lax.cond(
+                on_k,
+                lambda: _bisect(key_lo, key_mx, lambda t: sweep_sum(
+                    lambda c: jnp.where(x_at(c) >= t, 1.0, 0.0)) >= kf, **kw),
+                lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
+            tk = jnp.where(on_k & (k > 0) & (k < V), tk, _NEG_INF)
 
-            zk = sweep_sum(store)
+            def top_p():
+                def store(c):
+                    x = x_at(c)
+                    e = jnp.where(x >= tk, jnp.exp(x * invt - m_safe), 0.0)
+                    e_sc[:, pl.ds(col(c), LANES)] = e
+                    return e
 
-            def mass_all(t):
-                return sweep_sum(lambda c: jnp.where(x_at(c) * invt >= t,
-                                                     e_sc[:, pl.ds(col(c), LANES)], 0.0))
+                target = p * sweep_sum(store)
+                return _bisect(keyf(tk), key_mx, lambda t: sweep_sum(
+                    lambda c: jnp.where(x_at(c) >= t, e_sc[:, pl.ds(col(c), LANES)], 0.0))
+                    >= target, **kw)
 
-            tp = lax.cond(on_p,
-                          lambda: _bisect(_key(tk), key_m, lambda t: mass_all(t) >= p * zk),
-                          lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
+            tp = lax.cond(on_p, top_p, lambda: jnp.full((r, 1), _NEG_INF, jnp.float32))
             tp = jnp.where(on_p & (p < 1.0), tp, _NEG_INF)
-            exact = jnp.maximum(jnp.maximum(tk, tp), tau_m)
+            exact = jnp.maximum(jnp.maximum(tk * invt, tp * invt), tau_m)
             tau_ref[0] = jnp.where(ok, tau, exact)
 
 
