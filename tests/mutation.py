@@ -67,6 +67,7 @@ T_REF_PAGED = "tests/test_reference_paged.py"
 T_BLOCK = "tests/test_block.py"
 T_REF_BLOCK = "tests/test_reference_block.py"
 T_VERIFY = "tests/test_verify.py"
+T_FILTERS = "tests/test_verify_filters.py"
 T_REF_VERIFY = "tests/test_reference_verify.py"
 T_DECODE = "tests/test_models_decoding.py"
 T_SAMPLING = "tests/test_models_sampling.py"
@@ -315,6 +316,35 @@ MUTANTS: list[Mutant] = [
       "fail = (jnp.max(bad.astype(jnp.int32), axis=1, keepdims=True) > 0) | (seq_id >= ns)",
       "fail = (jnp.max(bad.astype(jnp.int32), axis=1, keepdims=True) > 0) | (seq_id > ns)",
       "sequence num_seqs (padding) gets tokens", T_VERIFY),
+    # ---------------------------------------------------------------- verify filters
+    M("filters-fast-path-bound", "pallas_ops/verify/filter_kernel.py",
+      "ok = jnp.logical_not(on_k) | (tx_k > lam)", "ok = jnp.logical_not(on_k) | (tx_k >= lam)",
+      "top-k fast path taken when the threshold equals the lanes' 4th value (ties left out)",
+      T_FILTERS),
+    M("filters-no-fallback", "pallas_ops/verify/filter_kernel.py",
+      "ok = ok | bad\n", "ok = ok | bad | True\n",
+      "every row treated as inside the candidates (no fallback)", T_FILTERS),
+    M("filters-packed-zero", "pallas_ops/verify/filter_kernel.py",
+      "x = jnp.maximum(jnp.where(x == 0.0, _TINY, x), _LOWEST_BF16)",
+      "x = jnp.maximum(x, _LOWEST_BF16)",
+      "packed bf16 zeros become subnormals (flushed: their indices collide)", T_FILTERS,
+      equivalent="only a TPU flushes subnormals in compares; interpreted on a CPU the packed "
+                 "zeros compare exactly, so no test here can see it"),
+    M("filters-topk-count", "pallas_ops/verify/filter_kernel.py",
+      "for v in vals]) >= kf, **kw),", "for v in vals]) > kf, **kw),",
+      "top-k keeps k - 1 (the k-th largest dropped)", T_FILTERS),
+    M("filters-topp-mass", "pallas_ops/verify/filter_kernel.py",
+      "target = p * z\n", "target = p * _rsum(es)\n",
+      "top-p alone measured against the candidates' mass, not the row's", T_FILTERS),
+    M("filters-not-fetched", "pallas_ops/verify/filter_kernel.py",
+      "return src[i], jnp.where(on, g, jnp.where(before, nrg - 1, 0))",
+      "return src[i], jnp.where(on, g, 0)",
+      "an unfiltered sequence after a filtered one maps to another block (a fetch)",
+      T_FILTERS),
+    M("filters-ref-order", "reference/verify.py",
+      "        keep = y >= tau\n        w = np.exp(y - y.max())",
+      "        keep = y >= -np.inf\n        w = np.exp(y - y.max())",
+      "reference: top-p over the whole row, not renormalised over the top-k set", T_FILTERS),
     # ---------------------------------------------------------------- verify xla twin / shared
     M("verify-inv-temperature", "pallas_ops/verify/xla.py",
       "inv_t = jnp.where(samp, 1.0 / jnp.where(samp, t, 1.0), 1.0)",

@@ -135,6 +135,56 @@ def test_both_paths_of_the_filter_pass(dtype, what, k, p, m, spread, fast):
                          return_logprobs=True, **jkw), want, True)
 
 
+def _seed_batch(x_row, B, dtype, **filt):
+    """B copies of one [bs, V] logits block (rounded to dtype) with B different seeds, T = 1
+    and the filters."""
+    x_row = np.asarray(jnp.asarray(x_row, dtype).astype(jnp.float32), np.float64)
+    x = np.broadcast_to(x_row, (B,) + x_row.shape).copy()
+    d = np.full((B, x.shape[1] - 1), 0, np.int32)
+    kw = dict(temperature=np.ones(B, np.float32), seed=np.arange(B, dtype=np.int32) * 11 + 5,
+              position=np.zeros(B, np.int32), top_k=np.zeros(B, np.int32),
+              top_p=np.ones(B, np.float32), min_p=np.zeros(B, np.float32))
+    for name, v in filt.items():
+        kw[name] = np.full(B, v, kw[name].dtype)
+    return x, d, kw
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ties_beyond_a_lanes_candidates_take_the_fallback(dtype):
+    """Six equal top logits in one lane (vocab indices 0, 128, ..., 640): top-k 3 keeps all six
+    (ties at the k-th value), but a lane keeps only 4 candidates. The row must not be sampled
+    from its candidates (its threshold equals the lanes' 4th value); the samples over 64 seeds
+    equal the reference's, which spread over all six."""
+    V = 1024
+    row = np.full((1, V), -10.0)
+    row[0, 0:6 * 128:128] = 5.0
+    x, d, kw = _seed_batch(row, 64, dtype, top_k=3)
+    assert (_paths(x, kw, dtype) == NOT_FAST).all()
+    want = ref.verify_accept(x, d, **kw)
+    assert set(want.tokens[:, 0].tolist()) == set(range(0, 6 * 128, 128))
+    assert_same(verify_accept(*_jnp(x, d, kw, dtype)[:2], **_jnp(x, d, kw, dtype)[2]), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_top_p_alone_counts_the_mass_outside_the_candidates(dtype):
+    """Ten large distinct logits and a long flat tail holding ~16% of the mass: top-p 0.8 keeps
+    a prefix of the ten (inside the candidates: the fast path), and where its boundary falls
+    depends on the tail's mass, which lies mostly outside the 512 candidates."""
+    V = 6000
+    row = np.full((1, V), -0.5)
+    row[0, 100:110] = 8.0 - 0.1 * np.arange(10)
+    x, d, kw = _seed_batch(row, 64, dtype, top_p=0.8)
+    y = np.asarray(jnp.asarray(row[0], dtype).astype(jnp.float32), np.float64)
+    full = ref.filter_threshold(y, 0, 0.8)
+    top512 = np.sort(y)[::-1][:512]
+    w = np.exp(top512 - y.max())
+    cut = top512[np.argmax(np.cumsum(w) >= 0.8 * w.sum())]
+    assert cut > full          # the candidates' mass alone would keep fewer tokens
+    assert (_paths(x, kw, dtype) != NOT_FAST).all()
+    want = ref.verify_accept(x, d, **kw)
+    assert_same(verify_accept(*_jnp(x, d, kw, dtype)[:2], **_jnp(x, d, kw, dtype)[2]), want)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_the_filter_pass_fetches_only_filtered_sequences(seed):
     """Walk the filter pass's grid in order with its index map: the blocks it fetches (a block

@@ -46,15 +46,15 @@ def thresholds(logits, inv_t, samp, filt: Filters):
     on_k = (k > 0) & (k < V)
     tau_k = jnp.take_along_axis(ys, jnp.clip(k - 1, 0, V - 1)[..., None], -1)[..., 0]
     tau_k = jnp.where(on_k, tau_k, -jnp.inf)
-    # top-p over the top-k set: the largest value v with mass(y >= v) >= p * mass(y >= tau_k);
-    # masses of runs of equal values end where the next value differs.
+    # top-p over the top-k set: the largest value v with mass(y >= v) >= p * mass(y >= tau_k),
+    # the value where the descending cumulative mass first reaches p * total (if that is inside
+    # a run of equal values, the run's end reaches it too: the same value).
     m_safe = jnp.where(mx == -jnp.inf, 0.0, mx)
     w = jnp.where(ys >= tau_k[..., None], jnp.exp(ys - m_safe[..., None]), 0.0)
     cum = jnp.cumsum(w, axis=-1)
     total = cum[..., -1:]
-    run_end = jnp.concatenate([ys[..., 1:] != ys[..., :-1], jnp.ones((B, bs, 1), bool)], -1)
     p = filt.top_p[:, None, None]
-    reach = run_end & (cum >= p * total) & (ys >= tau_k[..., None])
+    reach = (cum >= p * total) & (ys >= tau_k[..., None])
     first = jnp.argmax(reach, axis=-1)
     tau_p = jnp.take_along_axis(ys, first[..., None], -1)[..., 0]
     tau_p = jnp.where((filt.top_p[:, None] < 1.0) & reach.any(-1), tau_p, -jnp.inf)
