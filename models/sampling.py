@@ -84,27 +84,35 @@ def _at(values, tokens, vocab_axis):
     return jax.lax.pmax(jnp.where(here, val, -jnp.inf), vocab_axis)
 
 
+def one_hot(tokens, n_local: int, vocab_axis=None):
+    """f32 [..., n_local]: one-hot of global token ids (this shard's columns with vocab_axis)."""
+    index = jnp.arange(n_local, dtype=jnp.int32) + _vocab_offset(n_local, vocab_axis)
+    return (index == jnp.asarray(tokens, jnp.int32)[..., None]).astype(jnp.float32)
+
+
 def _sample(logits, temperature, seed, rowpos, stream, filt, vocab_axis):
-    """logits [B, n, V]; temperature f32 [B]; seed int32 [B]; rowpos int32 [B, n] (the noise key's
-    position per row) -> (tokens int32 [B, n], y f32 [B, n, V]: the log-weights of the
+    """logits [B, ..., V]; temperature f32 [B]; seed int32 [B]; rowpos int32 [B, ...] (the noise
+    key's position per row) -> (tokens int32 [B, ...], y f32 [B, ..., V]: the log-weights of the
     distribution each token was drawn from, -inf off its support)."""
-    B, n, V = logits.shape
+    B, V = logits.shape[0], logits.shape[-1]
+    rows = (1,) * (logits.ndim - 2)              # per-sequence values broadcast over the rows
     t = jnp.asarray(temperature, jnp.float32)
     samp = t > 0
     # as verify_accept's row_params: y = logits * (1 / T), so both see the same bits
     inv_t = jnp.where(samp, 1.0 / jnp.where(samp, t, 1.0), 1.0).astype(jnp.float32)
     x = logits.astype(jnp.float32)
-    y = x * inv_t[:, None, None]
+    y = x * inv_t.reshape((B,) + rows + (1,))
     if filt is not None:
-        tau = filters.thresholds(x, jnp.broadcast_to(inv_t[:, None], (B, n)), samp, filt)
-        y = filters.keep(y, tau)
-    key = rng.row_key(jnp.asarray(seed, jnp.int32)[:, None], jnp.asarray(rowpos, jnp.int32),
-                      stream)                                                  # [B, n]
+        x3 = x.reshape(B, -1, V)
+        tau = filters.thresholds(x3, jnp.broadcast_to(inv_t[:, None], x3.shape[:2]), samp, filt)
+        y = filters.keep(y, tau.reshape(x.shape[:-1]))
+    key = rng.row_key(jnp.asarray(seed, jnp.int32).reshape((B,) + rows),
+                      jnp.asarray(rowpos, jnp.int32), stream)                  # [B, ...]
     index = jnp.arange(V, dtype=jnp.int32) + _vocab_offset(V, vocab_axis)
-    g = rng.gumbel(rng.bits(key[..., None], index))                            # [B, n, V]
+    g = rng.gumbel(rng.bits(key[..., None], index))                            # [B, ..., V]
     sampled = argmax_tokens(y + g, vocab_axis)
     greedy = argmax_tokens(x, vocab_axis)
-    return jnp.where(samp[:, None], sampled, greedy), y
+    return jnp.where(samp.reshape((B,) + rows), sampled, greedy), y
 
 
 def sample_tokens(logits, temperature, seed, position, *, top_k=None, top_p=None, min_p=None,
@@ -116,10 +124,7 @@ def sample_tokens(logits, temperature, seed, position, *, top_k=None, top_p=None
     module docstring (logits [B, V / n]; no filters)."""
     B = logits.shape[0]
     filt = _filters(B, top_k, top_p, min_p, vocab_axis)
-    tokens, y = _sample(logits[:, None, :], temperature, seed,
-                        jnp.asarray(position, jnp.int32)[:, None], rng.STREAM_GUMBEL, filt,
-                        vocab_axis)
-    tokens, y = tokens[:, 0], y[:, 0]
+    tokens, y = _sample(logits, temperature, seed, position, rng.STREAM_GUMBEL, filt, vocab_axis)
     if not return_logprobs:
         return tokens
     return tokens, _at(y, tokens, vocab_axis) - _logsumexp(y, vocab_axis)
@@ -141,7 +146,5 @@ def draft_sample(logits, temperature, seed, position, *, top_k=None, top_p=None,
     rowpos = jnp.asarray(position, jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)
     tokens, y = _sample(logits, temperature, seed, rowpos, rng.STREAM_DRAFT, filt, vocab_axis)
     probs = jnp.exp(y - _logsumexp(y, vocab_axis)[..., None])
-    index = jnp.arange(V, dtype=jnp.int32) + _vocab_offset(V, vocab_axis)
-    onehot = (index == tokens[..., None]).astype(jnp.float32)
     samp = jnp.asarray(temperature, jnp.float32) > 0
-    return tokens, jnp.where(samp[:, None, None], probs, onehot)
+    return tokens, jnp.where(samp[:, None, None], probs, one_hot(tokens, V, vocab_axis))
