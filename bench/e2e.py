@@ -45,10 +45,10 @@ def main(argv=None):
                    help="alternating AR / DFlash runs per block size; the fastest of each is "
                         "reported (the first run also compiles prefill shapes met only then)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="> 0: exact speculative sampling (per-prompt seeds from --seed); the "
-                        "outputs equal AR sampling with the same seeds up to float differences "
-                        "between a verify block's logits and a decode step's: counted, not "
-                        "required")
+                   help="> 0: exact speculative sampling (per-prompt seeds from --seed); with "
+                        "--draft-sampling off the outputs equal AR sampling with the same seeds "
+                        "up to float differences between a verify block's logits and a decode "
+                        "step's: counted, not required")
     p.add_argument("--draft-sampling", choices=("on", "off"), default=None,
                    help="T > 0: on samples the drafts from the draft's own tempered distribution "
                         "and verifies with it (full speculative sampling; other samples than "
