@@ -51,7 +51,7 @@ def load_pair(assets=ASSETS):
 
 def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None,
              max_batch=None, warmup=True, queue=False, ar_result=None, repeats=1,
-             temperature=0.0, seed=0, kv_cache_dtype=None):
+             temperature=0.0, seed=0, kv_cache_dtype=None, draft_sampling=None):
     """Decode `prompts` speculatively and autoregressively (same kernels, same cache).
 
     Returns a dict with both GenerationOutputs, wall times (after a warm-up call that compiles;
@@ -60,14 +60,17 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     acceptance by position, tokens/s and per-step times. `ar_result` = (output, seconds) of an
     earlier autoregressive run to reuse. temperature > 0 samples (same per-prompt seeds in both
     decoders: the same noise, see `models.sampling`). kv_cache_dtype: both decoders' caches
-    (None: the model dtype; int8 / float8_e4m3fn / float8_e5m2: `models.kv_cache`)."""
+    (None: the model dtype; int8 / float8_e4m3fn / float8_e5m2: `models.kv_cache`).
+    draft_sampling: the speculative decoder's drafting mode at T > 0 (None: its default; True
+    samples drafts from the draft's distribution, so the outputs are other samples than AR's)."""
     from models.decoding import SpeculativeDecoder, generate_autoregressive
 
     max_batch = max_batch or len(prompts)
     max_seq_len = max(len(p) for p in prompts) + max_new_tokens
+    mode = {} if draft_sampling is None else dict(draft_sampling=draft_sampling)
     spec = SpeculativeDecoder(target, draft, max_batch=max_batch, max_seq_len=max_seq_len,
                               backend=backend, block_size=block_size,
-                              kv_cache_dtype=kv_cache_dtype)
+                              kv_cache_dtype=kv_cache_dtype, **mode)
     bs = spec.block_size
     ar_kw = dict(max_batch=max_batch, max_seq_len=max_seq_len, backend=backend,
                  kv_cache_dtype=kv_cache_dtype)
@@ -96,7 +99,8 @@ def run_pair(target, draft, prompts, *, max_new_tokens, backend, block_size=None
     n_sp = sum(len(t) for t in sp.tokens)
     per_pos, hist = acceptance_by_position(sp.acceptance_lengths, bs)
     return dict(
-        ar=ar, spec=sp, block_size=bs, identical=ar.tokens == sp.tokens,
+        ar=ar, spec=sp, block_size=bs, draft_sampling=spec.draft_sampling,
+        identical=ar.tokens == sp.tokens,
         differing_prompts=sum(a != b for a, b in zip(ar.tokens, sp.tokens)),
         tau=sp.mean_acceptance,
         tau_per_prompt=[float(np.mean(a)) if a else float("nan") for a in sp.acceptance_lengths],
@@ -276,9 +280,14 @@ def main(argv=None):
                           **run)
             _show_text(items, rs, out, train_data, min(2, args.show))
             same = sum(a == b for a, b in zip(rs["ar"].tokens, rs["spec"].tokens))
-            out(f"same tokens as autoregressive sampling with the same seeds: {same} of "
-                f"{len(prompts)} prompts (both decoders draw the token after position p with the "
-                f"noise of (seed, p); see models/sampling.py)")
+            if rs["draft_sampling"]:
+                out("drafts sampled from the draft's own distribution and verified with it "
+                    "(full speculative sampling: exact, other samples than autoregressive "
+                    f"sampling's; same tokens for {same} of {len(prompts)} prompts)")
+            else:
+                out(f"same tokens as autoregressive sampling with the same seeds: {same} of "
+                    f"{len(prompts)} prompts (both decoders draw the token after position p "
+                    f"with the noise of (seed, p); see models/sampling.py)")
             _summary(rs, f"sampling, T = {args.temperature}", out)
 
         if args.batch > 0:

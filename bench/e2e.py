@@ -1,7 +1,7 @@
 """End-to-end DFlash measurement of the shipped pair over many held-out prompts.
 
     python -m bench.e2e [--prompts 200] [--block-sizes 8,16] [--batch 16] [--prompt-len 64]
-        [--temperature 0]
+        [--temperature 0] [--draft-sampling on|off]
         [--max-new-tokens 128]
         [--backend xla] [--repeats 3] [--out bench/assets/e2e]
 
@@ -45,10 +45,15 @@ def main(argv=None):
                    help="alternating AR / DFlash runs per block size; the fastest of each is "
                         "reported (the first run also compiles prefill shapes met only then)")
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="> 0: exact speculative sampling (per-prompt seeds from --seed); the "
-                        "outputs equal AR sampling with the same seeds up to float differences "
-                        "between a verify block's logits and a decode step's: counted, not "
-                        "required")
+                   help="> 0: exact speculative sampling (per-prompt seeds from --seed); with "
+                        "--draft-sampling off the outputs equal AR sampling with the same seeds "
+                        "up to float differences between a verify block's logits and a decode "
+                        "step's: counted, not required")
+    p.add_argument("--draft-sampling", choices=("on", "off"), default=None,
+                   help="T > 0: on samples the drafts from the draft's own tempered distribution "
+                        "and verifies with it (full speculative sampling; other samples than "
+                        "AR's, not compared); off drafts greedily (one-hot proposals); default: "
+                        "the decoder's")
     p.add_argument("--kv-cache-dtype", choices=("int8", "float8_e4m3fn", "float8_e5m2"),
                    default=None, help="8-bit KV caches for both decoders (default: model dtype)")
     p.add_argument("--assets", default=ASSETS)
@@ -72,12 +77,14 @@ def main(argv=None):
                      backend=args.backend, block_size=bs, max_batch=args.batch, queue=True,
                      ar_result=ar_result, repeats=args.repeats,
                      kv_cache_dtype=args.kv_cache_dtype, temperature=args.temperature,
-                     seed=args.seed)
+                     seed=args.seed, draft_sampling=None if args.draft_sampling is None
+                     else args.draft_sampling == "on")
         ar_result = (r["ar"], r["ar_seconds"])
         exact = args.kv_cache_dtype is None and args.temperature == 0
+        sampled_drafts = r["draft_sampling"] and args.temperature > 0
         if not r["identical"] and exact:
             raise SystemExit(f"bs {bs}: speculative output differs from autoregressive decoding")
-        if not r["identical"]:
+        if not r["identical"] and not sampled_drafts:
             # 8-bit caches: K/V of a token computed in a verify block and in a decode step differ
             # in the last float bits (different reduction shapes); rounding to 8 bits can turn
             # that into a different value, which can flip a near-tie argmax later. Reported.
@@ -91,7 +98,7 @@ def main(argv=None):
                    prompts=len(prompts), batch=args.batch, prompt_len=args.prompt_len,
                    max_new_tokens=args.max_new_tokens, backend=args.backend,
                    kv_cache_dtype=args.kv_cache_dtype or "model dtype",
-                   temperature=args.temperature,
+                   temperature=args.temperature, draft_sampling=sampled_drafts,
                    wall_seconds=time.perf_counter() - t0,
                    tau_p10_p50_p90=np.percentile(
                        [t for t in r["tau_per_prompt"] if t == t], [10, 50, 90]).tolist())
@@ -119,7 +126,11 @@ def main(argv=None):
                   f"{r['ar_ms_per_step']:.1f} / {r['spec_ms_per_step']:.1f} |")
     md.append("")
     differ = sum(r["differing_prompts"] for r in rows)
-    if not differ:
+    sampled_drafts = any(r["draft_sampling"] for r in rows)
+    if sampled_drafts:
+        check = ("drafts sampled from the draft's own distribution (full speculative sampling): "
+                 "other samples than autoregressive sampling's, not compared")
+    elif not differ:
         check = ("outputs identical to autoregressive decoding (checked)"
                  if args.temperature == 0 else
                  "outputs identical to autoregressive sampling with the same seeds (checked)")
@@ -132,6 +143,9 @@ def main(argv=None):
     cache = f"; {args.kv_cache_dtype} KV caches" if args.kv_cache_dtype else ""
     mode = (f"exact speculative sampling at T = {args.temperature}" if args.temperature > 0
             else "greedy")
+    if args.temperature > 0:
+        mode += (", drafts sampled from the draft's distribution (draft_probs)" if sampled_drafts
+                 else ", greedy drafts (one-hot proposals)")
     md.append(f"Backend {args.backend} on {os.cpu_count()} CPU cores; {mode}{cache}; "
               f"{args.prompt_len}-byte prompts from held-out stdlib files, {args.max_new_tokens} "
               f"new bytes each; {check}.")

@@ -48,12 +48,13 @@ def step_args(dec):
                   page_idx=_host(dec, (B, pps), i32), temp=_host(dec, (B,), f32),
                   seeds=_host(dec, (B,), i32))
     c = common
+    filt = (_host(dec, (B,), i32), _host(dec, (B,), f32), _host(dec, (B,), f32))  # top-k/p, min-p
     if dec.has_draft:
         return (dec._st, dec.target_cache, dec._sd, dec.draft_cache, c["last"], c["lens"],
                 _host(dec, (B,), jnp.bool_), c["order"], c["num_seqs"], c["page_idx"], c["temp"],
-                c["seeds"], _host(dec, (B, dec.block_size - 1), i32))
+                c["seeds"], _host(dec, (B, dec.block_size - 1), i32), filt)
     return (dec._st, dec.target_cache, c["last"], c["lens"], c["order"], c["num_seqs"],
-            c["page_idx"], c["temp"], c["seeds"])
+            c["page_idx"], c["temp"], c["seeds"], filt)
 
 
 def lower_step(dec, *, chip: str | None = "v5p", greedy: bool = True):
@@ -67,8 +68,9 @@ def lower_step(dec, *, chip: str | None = "v5p", greedy: bool = True):
             raise ValueError(f"chip={chip!r} lowers the Pallas kernels: build the decoder with "
                              f"backend='pallas' (got {dec.backend!r})")
         dec.ops = get_ops("pallas", chip=chip, interpret=False,
-                          model_axis="model" if dec.layout else None)
-    fn = dec._step_fn(greedy, False) if dec.has_draft else dec._step_fn()
+                          model_axis=dec.model_axis)
+    fn = (dec._step_fn(greedy, False, draft_sampling=dec.draft_sampling and not greedy)
+          if dec.has_draft else dec._step_fn())
     donate = (1, 3) if dec.has_draft else (1,)
     args = step_args(dec)
     if dec.layout is None:

@@ -2,7 +2,17 @@
 
     python -m models.generate --target DIR --draft DIR --prompt-ids 1,2,3 [--prompt-ids 4,5]
         [--tokenizer DIR --prompt "text"] [--max-new-tokens 128] [--temperature 0]
+        [--top-k K] [--top-p P] [--min-p M] [--logprobs] [--[no-]draft-sampling]
         [--backend xla|pallas] [--compare-ar] [--kv-cache-dtype int8|float8_e4m3fn|float8_e5m2]
+
+--temperature, --top-k, --top-p and --min-p take one value for every prompt or a comma-separated
+list with one value per prompt (in the order of --prompt-ids, then --prompt). The filters apply to
+sampling sequences (T > 0): top-k keeps the k most likely tokens (0 = off), top-p the smallest set
+of most likely tokens reaching probability p (1 = off), min-p the tokens at least m times as
+likely as the most likely (0 = off). --logprobs prints each token's log-probability under the
+distribution it was emitted from. --draft-sampling samples the drafts of sampling sequences from
+the draft model's own distribution and verifies with it (full speculative sampling; exact, but
+other samples than autoregressive sampling's); --no-draft-sampling drafts greedily.
 
 Prints each sequence's generated ids (and text with --tokenizer, which needs the `tokenizers`
 package), the acceptance figures (mean tau, per-step histogram) and timings; progress goes to
@@ -31,6 +41,43 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+_SAMPLING_FLAGS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float}
+
+
+def _parse_values(flag: str, text, kind):
+    """One value or a comma-separated list (one per prompt) of `kind`; None stays None."""
+    if text is None:
+        return None
+    try:
+        vals = [kind(t) for t in str(text).replace(" ", ",").split(",") if t]
+    except ValueError as e:
+        raise SystemExit(f"{flag}: expected {'an integer' if kind is int else 'a number'} or a "
+                         f"comma-separated list of them (one per prompt), got {text!r}") from e
+    if not vals:
+        raise SystemExit(f"{flag}: no value given")
+    return vals[0] if len(vals) == 1 else vals
+
+
+def sampling_arguments(args, n_prompts: int) -> dict:
+    """generate()'s temperature / top_k / top_p / min_p / logprobs from the flags, checked
+    (`models.decoding.params`): SystemExit naming the flag on a bad value or count."""
+    from models.decoding.params import per_prompt
+
+    kw = {}
+    for name, kind in _SAMPLING_FLAGS.items():
+        flag = "--" + name.replace("_", "-")
+        value = _parse_values(flag, getattr(args, name), kind)
+        try:
+            per_prompt(name, value, n_prompts)
+        except ValueError as e:
+            raise SystemExit(f"{flag}: {e}") from e
+        kw[name] = value
+    if kw["temperature"] is None:
+        kw["temperature"] = 0.0
+    kw["logprobs"] = bool(args.logprobs)
+    return kw
+
+
 def _tokenizer(path):
     try:
         from tokenizers import Tokenizer
@@ -53,7 +100,20 @@ def build_parser():
     p.add_argument("--prompt", action="append", default=[], help="text prompt (needs --tokenizer)")
     p.add_argument("--tokenizer", help="tokenizer.json or a directory holding it")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--temperature", default="0",
+                   help="0 = greedy; one value, or a comma-separated list with one per prompt")
+    p.add_argument("--top-k", default=None, help="keep the k most likely tokens (0 = off); one "
+                   "value or one per prompt (comma-separated)")
+    p.add_argument("--top-p", default=None, help="nucleus: keep the most likely tokens up to "
+                   "probability p, in (0, 1] (1 = off); one value or one per prompt")
+    p.add_argument("--min-p", default=None, help="keep tokens at least m times as likely as the "
+                   "most likely, in [0, 1) (0 = off); one value or one per prompt")
+    p.add_argument("--logprobs", action="store_true",
+                   help="print each generated token's log-probability (and a summary)")
+    p.add_argument("--draft-sampling", action=argparse.BooleanOptionalAction, default=None,
+                   help="T > 0: sample drafts from the draft's own distribution and verify with "
+                        "it (full speculative sampling); --no-draft-sampling: greedy drafts "
+                        "(default: the decoder's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-token-id", type=int, action="append", default=None)
     p.add_argument("--backend", choices=("xla", "pallas"), default="xla")
@@ -113,13 +173,16 @@ def main(argv=None):
     if not prompts:
         raise SystemExit("give at least one --prompt-ids (or --prompt with --tokenizer)")
     if args.oracle_draft:
-        args.compare_ar, args.temperature = True, 0.0
+        args.compare_ar, args.temperature = True, "0"
+    sampling = sampling_arguments(args, len(prompts))
+    temps = sampling["temperature"]
+    greedy = not any(t > 0 for t in (temps if isinstance(temps, list) else [temps]))
 
     bs = args.block_size or draft.config.block_size
     max_batch = args.max_batch or len(prompts)
     max_seq_len = args.max_seq_len or max(len(p) for p in prompts) + args.max_new_tokens
-    common = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  seed=args.seed, eos_token_id=args.eos_token_id)
+    common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed,
+                  eos_token_id=args.eos_token_id, **sampling)
 
     def timed(dec, label):
         dec.generate(prompts, **common)                              # warm-up (compiles)
@@ -148,13 +211,20 @@ def main(argv=None):
         from models.testing import OracleProposer
 
         override = OracleProposer(ar_out.tokens, vocab_size=target.config.vocab_size)
+    mode = {} if args.draft_sampling is None else dict(draft_sampling=args.draft_sampling)
     spec = SpeculativeDecoder(target, draft, max_batch=max_batch, max_seq_len=max_seq_len,
                               page_size=args.page_size, backend=args.backend, block_size=bs,
-                              proposal_override=override, kv_cache_dtype=args.kv_cache_dtype)
+                              proposal_override=override, kv_cache_dtype=args.kv_cache_dtype,
+                              **mode)
     out, sp_tpt = timed(spec, f"dflash bs={bs} [{args.backend}]"
                         + (" (oracle draft)" if override else ""))
     for i, (p, toks) in enumerate(zip(prompts, out.tokens)):
         print(f"[{i}] prompt {len(p)} tokens -> {len(toks)} new ({out.finish_reasons[i]}): {toks}")
+        if out.logprobs is not None:
+            lp = out.logprobs[i]
+            print("    logprobs: [" + ", ".join(f"{x:.4f}" for x in lp) + "]")
+            if lp:
+                print(f"    mean logprob {np.mean(lp):.4f} (perplexity {np.exp(-np.mean(lp)):.3f})")
         if tok is not None:
             print("    " + tok.decode(toks).replace("\n", "\n    "))
     taus = [t for seq in out.acceptance_lengths for t in seq]
@@ -164,9 +234,12 @@ def main(argv=None):
               "histogram " + " ".join(f"{k}:{hist[k]}" for k in sorted(hist)))
     if ar_out is not None:
         same = ar_out.tokens == out.tokens
-        print(f"speedup vs autoregressive: {ar_tpt / sp_tpt:.2f}x; "
-              f"outputs {'identical' if same else 'DIFFER'}")
-        if args.temperature == 0 and not same:
+        other_samples = spec.draft_sampling and not greedy
+        verdict = ("identical" if same else
+                   "differ (expected: sampled drafts draw other samples than AR sampling)"
+                   if other_samples else "DIFFER")
+        print(f"speedup vs autoregressive: {ar_tpt / sp_tpt:.2f}x; outputs {verdict}")
+        if greedy and not same:
             return 1
     return 0
 

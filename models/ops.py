@@ -79,12 +79,17 @@ class Ops:
             cache[0], cache[1], k_new, v_new, ctx_lens, n_new, **self._scales(cache),
             **self._interp()))
 
-    def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None):
-        """VerifyResult(num_accepted [B], tokens [B, bs]) (see `pallas_ops.verify_accept`)."""
+    def verify_accept(self, logits, draft_tokens, *, temperature=None, seed=None, position=None,
+                      draft_probs=None, top_k=None, top_p=None, min_p=None,
+                      return_logprobs=False):
+        """VerifyResult(num_accepted [B], tokens [B, bs][, logprobs [B, bs]]) (see
+        `pallas_ops.verify_accept`): draft_probs [B, bs-1, V] (this device's vocabulary shard
+        under `model_axis`) or None (one-hot drafts); top_k / top_p / min_p [B] or None (not
+        with `model_axis`); return_logprobs: each emitted token's log-probability."""
         return self._mod("verify").verify_accept(
             logits, draft_tokens, temperature=temperature, seed=seed, position=position,
-            vocab_axis_name=self.model_axis, **self._chip())
-
+            draft_probs=draft_probs, top_k=top_k, top_p=top_p, min_p=min_p,
+            return_logprobs=return_logprobs, vocab_axis_name=self.model_axis, **self._chip())
 
 def get_ops(backend: str, chip: str | None = None, interpret=None, model_axis=None) -> Ops:
     """The ops of `backend`; `chip` / `interpret` are passed to the Pallas kernels (e.g.

@@ -21,7 +21,9 @@ the noise of one row never repeats inside the row. `uniform` is exact in float32
 bit for bit; only the logarithms round differently.
 
 Streams: `STREAM_GUMBEL` (0) keys the Gumbel noise of the token samples; `STREAM_ACCEPT` (1) keys
-the uniform of the accept test of the draft_probs path (drawn at vocab index 0).
+the uniform of the accept test of the draft_probs path (drawn at vocab index 0); `STREAM_DRAFT`
+(2) keys the Gumbel noise of drafts sampled from the draft model's own distribution
+(`models.sampling.draft_sample`), independent of the target's.
 
 Everything is written on int32 values (wrapping multiply, `lax.shift_right_logical`), which Mosaic
 compiles for v5e/v5p/v6e; the functions work on any broadcastable jnp arrays, inside a kernel or out.
@@ -33,6 +35,7 @@ from jax import lax
 
 STREAM_GUMBEL = 0
 STREAM_ACCEPT = 1
+STREAM_DRAFT = 2
 
 FMIX_M1 = 0x85EBCA6B
 FMIX_M2 = 0xC2B2AE35

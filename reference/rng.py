@@ -8,6 +8,7 @@ import numpy as np
 
 STREAM_GUMBEL = 0
 STREAM_ACCEPT = 1
+STREAM_DRAFT = 2
 
 FMIX_M1 = np.uint32(0x85EBCA6B)
 FMIX_M2 = np.uint32(0xC2B2AE35)

@@ -334,3 +334,71 @@ def test_pages_come_back_after_an_error():
     with pytest.raises(KeyError):
         dec.generate(make_prompts(np.random.default_rng(1), [4, 6]), max_new_tokens=8)
     assert dec.allocator.num_free == dec.num_pages
+
+
+def test_bad_sampling_arguments_fail_before_anything_runs():
+    """temperature / top_k / top_p / min_p: one value or one per prompt, checked (ValueError
+    naming the argument and the prompt) before any step traces or any page is taken."""
+    dec = spec(16)
+    prompts = [[1, 2], [3]]
+    bad = [
+        (dict(temperature=[0.5]), "temperature has 1 values for 2 prompts"),
+        (dict(temperature=[0.5, -1.0]), r"temperature\[1\] \(prompt 1\) must be a finite"),
+        (dict(temperature=[0.5, float("inf")]), r"temperature\[1\]"),
+        (dict(temperature="0.5"), "temperature must be"),
+        (dict(top_k=-1), "top_k must be an int >= 0"),
+        (dict(top_k=2.5), "top_k must be an int"),
+        (dict(top_k=True), "top_k must be an int"),
+        (dict(top_k=[1, 2, 3]), "top_k has 3 values for 2 prompts"),
+        (dict(top_p=0.0), r"top_p must be a number in \(0, 1\]"),
+        (dict(top_p=[0.5, 1.5]), r"top_p\[1\] \(prompt 1\)"),
+        (dict(top_p=float("nan")), "top_p must be"),
+        (dict(min_p=1.0), r"min_p must be a number in \[0, 1\)"),
+        (dict(min_p=[-0.1, 0.0]), r"min_p\[0\] \(prompt 0\)"),
+        (dict(logprobs="yes"), "logprobs must be a bool"),
+    ]
+    before = dict(TRACE_COUNTS)
+    for kw, match in bad:
+        with pytest.raises(ValueError, match=match):
+            dec.generate(prompts, max_new_tokens=2, **kw)
+        with pytest.raises(ValueError, match=match):
+            generate_autoregressive(TARGET, prompts, max_new_tokens=2, **kw)
+    assert dict(TRACE_COUNTS) == before
+    assert dec.allocator.num_free == dec.num_pages
+    with pytest.raises(ValueError, match="draft_sampling must be a bool"):
+        spec(16, draft_sampling="on")
+    # numpy values and arrays are accepted
+    out = dec.generate(prompts, max_new_tokens=3, temperature=np.array([0.5, 0.0]),
+                       top_k=np.int64(3), top_p=np.array([0.9, 1.0], np.float32), min_p=0.0)
+    assert [len(t) for t in out.tokens] == [3, 3]
+
+
+@pytest.mark.parametrize("draft_sampling", [False, True])
+def test_step_variants_are_compiled_apart_and_values_traced(draft_sampling):
+    """Filters on / off, logprobs on / off and the drafting mode are separate compiled steps
+    (a step compiled for one must not serve another: top_k = 1 after an unfiltered call is
+    greedy decoding), and new filter values or temperatures do not retrace."""
+    prompts = make_prompts(np.random.default_rng(11), [6, 11, 3])
+    greedy = ar(prompts, 12)
+    plain = ar(prompts, 12, temperature=1.0, seed=3)
+    dec = spec(10, draft_sampling=draft_sampling)
+    kw = dict(max_new_tokens=12, seed=3)
+    a = dec.generate(prompts, temperature=1.0, **kw)
+    assert a.logprobs is None
+    # greedy drafts: the AR samples; sampled drafts: other samples
+    assert (a.tokens == plain.tokens) != draft_sampling
+    b = dec.generate(prompts, temperature=1.0, top_k=1, **kw)
+    assert b.tokens == greedy.tokens                    # top-1 sampling is greedy decoding
+    c = dec.generate(prompts, temperature=1.0, logprobs=True, **kw)
+    assert c.tokens == a.tokens
+    assert all(len(lp) == len(t) for lp, t in zip(c.logprobs, c.tokens))
+    assert max(x for lp in c.logprobs for x in lp) <= 0
+    assert np.mean([x for lp in c.logprobs for x in lp]) < -0.5   # T = 1, V = 96: not all ~0
+    before = dict(TRACE_COUNTS)
+    d = dec.generate(prompts, temperature=[0.7, 1.3, 1.0], top_k=[3, 0, 9], top_p=0.9,
+                     min_p=[0.0, 0.1, 0.02], **kw)
+    e = dec.generate(prompts, temperature=[1.2, 0.9, 0.5], top_k=[40, 2, 0], top_p=0.7,
+                     min_p=0.05, **kw)
+    dec.generate(prompts, temperature=[0.5, 2.0, 1.0], logprobs=True, **kw)
+    assert dict(TRACE_COUNTS) == before
+    assert d.tokens != e.tokens != b.tokens

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -49,6 +50,21 @@ def test_pallas_decode_all_accepted(reference):
     got = _pallas(4, proposal_override=oracle).generate(PROMPTS, max_new_tokens=MAX_NEW)
     assert got.tokens == reference.tokens
     assert all(seq[0] == 4 for seq in got.acceptance_lengths)
+
+
+def test_pallas_sampled_drafts_filters_and_logprobs_match_xla():
+    """Drafts sampled from the draft's distribution (verify_accept's draft_probs path), top-k /
+    top-p / min-p (the thresholds kernel) and logprobs on the interpreted kernels: the xla
+    backend's tokens and logprobs."""
+    kw = dict(max_new_tokens=MAX_NEW, temperature=[0.9, 1.2], top_k=[8, 0], top_p=[1.0, 0.8],
+              min_p=0.02, seed=3, logprobs=True)
+    want = SpeculativeDecoder(TARGET, DRAFT, max_batch=2, max_seq_len=24, page_size=16,
+                              backend="xla", prefill_chunk=8, block_size=4, poison=True,
+                              draft_sampling=True).generate(PROMPTS, **kw)
+    got = _pallas(4, draft_sampling=True).generate(PROMPTS, **kw)
+    assert got.tokens == want.tokens
+    for a, b in zip(got.logprobs, want.logprobs):
+        np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 LLAMA31_8B_LAYER = TargetConfig(

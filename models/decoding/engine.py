@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import sys
 import time
 from typing import Callable, Iterable, Sequence
@@ -26,6 +25,7 @@ from models import parallel
 from models.parallel import check_mesh
 from models.ops import get_ops
 from models.page_allocator import PageAllocator
+from models.decoding.params import SamplingParams
 from models.sampling import sample_tokens
 from jax.sharding import PartitionSpec as P
 from models.target import TargetModel
@@ -39,12 +39,16 @@ _JIT_CACHE: dict = {}
 class GenerationOutput:
     """Per prompt (in input order): generated tokens (prompt excluded, EOS included when hit),
     acceptance lengths of every speculative step (tau = accepted drafts + 1; empty for
-    autoregressive decoding) and why it stopped ("eos" or "length")."""
+    autoregressive decoding) and why it stopped ("eos" or "length"). With
+    `generate(..., logprobs=True)`, `logprobs[i][j]` is the natural-log probability of
+    tokens[i][j] under the distribution it was emitted from (sampling: the tempered, filtered
+    target distribution; greedy: softmax of the target's logits); else None."""
     tokens: list[list[int]]
     acceptance_lengths: list[list[int]]
     finish_reasons: list[str]
     num_steps: int = 0          # decode steps (device calls) after prefill
     decode_seconds: float = 0.0
+    logprobs: list[list[float]] | None = None
 
     @property
     def mean_acceptance(self) -> float:
@@ -86,7 +90,9 @@ class Engine:
                                   max_batch=max_batch, num_pages=num_pages)
                        if mesh is not None else None)
         self.groups = self.layout.data if self.layout else 1
-        self.ops = get_ops(backend, model_axis="model" if self.layout else None)
+        # the vocabulary is split only over a model axis of size > 1 (of size 1 every shard holds
+        # whole rows: the ops run as on one device, the filters included)
+        self.ops = get_ops(backend, model_axis=self.model_axis)
         self.backend = backend
         self.max_batch, self.max_seq_len, self.page_size = max_batch, max_seq_len, page_size
         self.prefill_chunk = prefill_chunk
@@ -114,6 +120,12 @@ class Engine:
         self.slot_tokens: list[list[int]] = [[] for _ in range(max_batch)]  # tokens at 0..L-1
 
     feature_layers: tuple[int, ...] = ()   # target layers whose outputs the draft reads
+
+    @property
+    def model_axis(self):
+        """The mesh axis the heads and the vocabulary are split over, or None (one device, or a
+        model axis of size 1)."""
+        return "model" if self.layout is not None and self.layout.model > 1 else None
 
     # -- parallelism -----------------------------------------------------------------------------
     def _kv_heads(self, model):
@@ -156,7 +168,7 @@ class Engine:
                 np.array(counts, np.int32))
 
     # -- validation ------------------------------------------------------------------------------
-    def _check_request(self, prompts, max_new_tokens, temperature, queue):
+    def _check_request(self, prompts, max_new_tokens, queue):
         if isinstance(prompts, np.ndarray) and prompts.ndim == 1:
             prompts = [prompts]
         prompts = [[int(t) for t in p] for p in prompts]
@@ -164,9 +176,6 @@ class Engine:
             raise ValueError("no prompts given")
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)) \
-                or temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if len(prompts) > self.max_batch and not queue:
             raise ValueError(f"{len(prompts)} prompts > max_batch={self.max_batch} (pass "
                              f"queue=True to run them through the slots in turn)")
@@ -225,14 +234,15 @@ class Engine:
         return (self._st_spec, tc, self._sd_spec,
                 parallel.context_cache_spec(self.draft_cache))
 
-    def _prefill_fn(self, with_draft: bool):
+    def _prefill_fn(self, with_draft: bool, filtered: bool = False, logprobs: bool = False):
         gt = self._gt
         gd = self._gd if with_draft else None
         feature_layers = self.feature_layers
         ops = self.ops
 
         def prefill(st, tcache, dstate, dcache, tokens, positions, kv_lens, page_idx, cu,
-                    num_seqs, last_rows, temp, seeds, sample_pos, row_start, n_new, ctx_lens):
+                    num_seqs, last_rows, temp, seeds, sample_pos, row_start, n_new, ctx_lens,
+                    filt):
             # per data group (one group on one device): a flat ragged batch of its chunk
             num_seqs = num_seqs[0]
             target = nnx.merge(gt, st)
@@ -240,7 +250,10 @@ class Engine:
                                               num_seqs, ops=ops,
                                               feature_layers=feature_layers if with_draft else ())
             logits = target.logits(h[last_rows])
-            first = sample_tokens(logits, temp, seeds, sample_pos, vocab_axis=ops.model_axis)
+            fkw = dict(zip(("top_k", "top_p", "min_p"), filt)) if filtered else {}
+            first = sample_tokens(logits, temp, seeds, sample_pos, vocab_axis=ops.model_axis,
+                                  return_logprobs=logprobs, **fkw)
+            first, lp = first if logprobs else (first, jnp.zeros(first.shape, jnp.float32))
             if with_draft:
                 draft = nnx.merge(gd, dstate)
                 ctx = draft.context(feats)                                   # [T, H]
@@ -250,22 +263,25 @@ class Engine:
                 # a prompt token's context position is its own position
                 dcache = draft.append_rows(ctx, positions, rows, dcache, ctx_lens, n_new,
                                            ops=ops)
-            return first, tcache, dcache
+            return first, lp, tcache, dcache
         if not self.layout:
             return prefill
         st, tc, sd, dc = self._specs(with_draft)
         d = P("data")
-        return self._sharded(prefill, (st, tc, sd, dc) + (d,) * 13, (d, tc, dc))
+        return self._sharded(prefill, (st, tc, sd, dc) + (d,) * 14, (d, d, tc, dc))
 
     # -- prefill ---------------------------------------------------------------------------------
-    def _prefill(self, jobs, temp_of, seed_of):
-        """jobs: list of (slot, prompt). Runs the prompts in chunks (per data group: its own
-        flat batch of up to prefill_chunk tokens); returns {slot: first token}."""
+    def _prefill(self, jobs, params: SamplingParams, slot_req):
+        """jobs: list of (slot, prompt); params: the requests' sampling parameters, slot_req: the
+        request in each slot. Runs the prompts in chunks (per data group: its own flat batch of
+        up to prefill_chunk tokens); returns {slot: (first token, its logprob or None)}."""
         per = self.max_batch // self.groups                  # slots per data group
         done = {slot: 0 for slot, _ in jobs}
         prompts = dict(jobs)
         first_tokens = {}
         with_draft = self.has_draft
+        per_slot = params.per_slot(slot_req)
+        filtered, logprobs = params.filtered, params.logprobs
         while any(done[s] < len(prompts[s]) for s in done):
             chunks = []                                       # per group: [(slot, start, n)]
             for g in range(self.groups):
@@ -289,6 +305,9 @@ class Engine:
             last_rows = np.zeros((G, per), np.int32)
             temp = np.zeros((G, per), np.float32)
             seeds = np.zeros((G, per), np.int32)
+            top_k = np.zeros((G, per), np.int32)
+            top_p = np.ones((G, per), np.float32)
+            min_p = np.zeros((G, per), np.float32)
             sample_pos = np.zeros((G, per), np.int32)
             row_start = np.zeros((G, per), np.int32)
             n_new = np.zeros((G, per), np.int32)
@@ -303,31 +322,38 @@ class Engine:
                     cu[g, s + 1] = r + n
                     last_rows[g, s] = r + n - 1
                     # the first token is sampled from the logits at the last prompt position
-                    temp[g, s], seeds[g, s], sample_pos[g, s] = (temp_of(slot), seed_of(slot),
-                                                                 start + n - 1)
+                    sample_pos[g, s] = start + n - 1
+                    for name, arr in (("temp", temp), ("seeds", seeds), ("top_k", top_k),
+                                      ("top_p", top_p), ("min_p", min_p)):
+                        arr[g, s] = per_slot[name][slot]
                     local = slot - g * per                    # the draft cache's row
                     row_start[g, local], n_new[g, local], ctx_lens[g, local] = r, n, start
                     r += n
                 cu[g, len(chunk) + 1:] = r
-            key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend)
-            fn = self._jit("prefill", key, lambda: self._prefill_fn(with_draft), donate=(1, 3),
-                           variant=(with_draft,))
+            key = (self._gt, self._gd if with_draft else None, self.feature_layers, self.backend,
+                   filtered, logprobs)
+            fn = self._jit("prefill", key,
+                           lambda: self._prefill_fn(with_draft, filtered, logprobs),
+                           donate=(1, 3), variant=(with_draft, filtered, logprobs))
             dstate = self._sd if with_draft else None
             dcache = self.draft_cache if with_draft else None
             flat = lambda a: a.reshape(G * a.shape[1], *a.shape[2:])   # noqa: E731
             num_seqs = np.array([len(c) for c in chunks], np.int32)
-            first, self.target_cache, dcache = fn(
+            first, lp, self.target_cache, dcache = fn(
                 self._st, self.target_cache, dstate, dcache, flat(tokens), flat(positions),
                 flat(kv_lens), flat(page_idx), flat(cu), num_seqs, flat(last_rows), flat(temp),
-                flat(seeds), flat(sample_pos), flat(row_start), flat(n_new), flat(ctx_lens))
+                flat(seeds), flat(sample_pos), flat(row_start), flat(n_new), flat(ctx_lens),
+                (flat(top_k), flat(top_p), flat(min_p)))
             if with_draft:
                 self.draft_cache = dcache
             first = np.asarray(first).reshape(G, per)
+            lp = np.asarray(lp).reshape(G, per)
             for g, chunk in enumerate(chunks):
                 for s, (slot, start, n) in enumerate(chunk):
                     done[slot] = start + n
                     if done[slot] == len(prompts[slot]):
-                        first_tokens[slot] = int(first[g, s])
+                        first_tokens[slot] = (int(first[g, s]),
+                                              float(lp[g, s]) if logprobs else None)
         for slot, p in jobs:
             self.slot_len[slot] = len(p)
             self.slot_tokens[slot] = list(p)
@@ -335,13 +361,25 @@ class Engine:
 
     # -- the host loop ---------------------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                 temperature: float = 0.0, seed: int = 0,
+                 temperature: float | Sequence[float] = 0.0, seed: int = 0,
                  eos_token_id: int | Iterable[int] | None = None, queue: bool = False,
-                 progress: Callable[[int, int], None] | None = None) -> GenerationOutput:
+                 progress: Callable[[int, int], None] | None = None,
+                 top_k: int | Sequence[int] | None = None,
+                 top_p: float | Sequence[float] | None = None,
+                 min_p: float | Sequence[float] | None = None,
+                 logprobs: bool = False) -> GenerationOutput:
         """Generate up to `max_new_tokens` tokens for every prompt (lists of token ids).
 
-        temperature 0 = greedy; > 0 samples (exactly from softmax(logits / T), per sequence seed
-        derived from `seed` and the prompt's index, so outputs do not depend on batch layout).
+        temperature 0 = greedy; > 0 samples (exactly from softmax(logits / T) after the filters,
+        per sequence seed derived from `seed` and the prompt's index, so outputs do not depend on
+        batch layout). top_k (int >= 0, 0 = off), top_p (in (0, 1], 1 = off), min_p (in [0, 1),
+        0 = off): the filters of sampling sequences, in that order (semantics of
+        `pallas_ops.verify_accept`); greedy sequences ignore them. Each of temperature, top_k,
+        top_p and min_p is one value for every prompt or a sequence of one value per prompt
+        (`models.decoding.params`; ValueError before anything runs). The filters are not
+        supported with a mesh whose model axis is larger than 1 (ValueError).
+        logprobs=True: `GenerationOutput.logprobs` holds each token's log-probability under the
+        distribution it was emitted from.
         Sequences stop at EOS (included in the output) or after max_new_tokens. With
         queue=True more prompts than max_batch may be given: they wait for a free slot.
         `progress(tokens_generated, steps)` is called after every decode step.
@@ -349,26 +387,34 @@ class Engine:
         if self.abstract:
             raise RuntimeError("an abstract decoder (abstract=True) only lowers its step "
                                "functions (models.aot); it has no device state to generate with")
-        prompts = self._check_request(prompts, max_new_tokens, temperature, queue)
+        prompts = self._check_request(prompts, max_new_tokens, queue)
+        params = SamplingParams.build(len(prompts), temperature=temperature, top_k=top_k,
+                                      top_p=top_p, min_p=min_p, seed=seed, logprobs=logprobs)
+        if self.model_axis is not None and params.any_filter_set:
+            raise ValueError(f"top_k / top_p / min_p are not supported with a mesh whose model "
+                             f"axis has size {self.layout.model} (the vocabulary is split over "
+                             f"it; the thresholds need whole rows): use a model axis of size 1")
         eos = set() if eos_token_id is None else (
             {int(eos_token_id)} if isinstance(eos_token_id, (int, np.integer))
             else {int(e) for e in eos_token_id})
         n = len(prompts)
         out = [[] for _ in range(n)]
+        lps = [[] for _ in range(n)] if logprobs else None
         taus = [[] for _ in range(n)]
         reasons = [""] * n
         pending = collections.deque(range(n))
         slot_req = [-1] * self.max_batch          # request in each slot, -1 = free
         last = np.zeros(self.max_batch, np.int32)
-        seeds = np.array([(seed * 1_000_003 + i) % (2**31 - 1) for i in range(n)], np.int64)
         steps, generated = 0, 0
         decode_time = 0.0
 
-        def emit(slot, toks):
-            """Append tokens to the slot's request; True when it finished."""
+        def emit(slot, toks, toks_lp):
+            """Append tokens (and their logprobs) to the slot's request; True when it finished."""
             req = slot_req[slot]
-            for t in toks:
+            for i, t in enumerate(toks):
                 out[req].append(int(t))
+                if lps is not None:
+                    lps[req].append(float(toks_lp[i]))
                 if int(t) in eos:
                     reasons[req] = "eos"
                     return True
@@ -399,28 +445,26 @@ class Engine:
                     raise RuntimeError(f"not enough KV pages for prompt {pending[0]} "
                                        f"({self.allocator.num_free} free of {self.num_pages})")
                 if jobs:
-                    firsts = self._prefill(jobs, lambda s: temperature,
-                                           lambda s: int(seeds[slot_req[s]]))
+                    firsts = self._prefill(jobs, params, slot_req)
                     for slot, _ in jobs:
-                        last[slot] = firsts[slot]
+                        tok, tok_lp = firsts[slot]
+                        last[slot] = tok
                         generated += 1
-                        if emit(slot, [firsts[slot]]):
+                        if emit(slot, [tok], [tok_lp]):
                             finish(slot)
                 active = [s for s in range(self.max_batch) if slot_req[s] >= 0]
                 if not active:
                     continue
                 ts = time.perf_counter()
-                accepted = self._decode_step(active, last, temperature,
-                                             {s: int(seeds[slot_req[s]]) for s in active}, slot_req,
-                                             out)
+                accepted = self._decode_step(active, last, params, slot_req, out)
                 decode_time += time.perf_counter() - ts
                 steps += 1
-                for slot, toks in accepted.items():
+                for slot, (toks, toks_lp) in accepted.items():
                     req = slot_req[slot]
                     before = len(out[req])
                     if self.extra_positions > 1:
                         taus[req].append(len(toks))
-                    done = emit(slot, toks)
+                    done = emit(slot, toks, toks_lp)
                     generated += len(out[req]) - before
                     last[slot] = toks[-1]
                     if done:
@@ -431,7 +475,7 @@ class Engine:
             for slot in range(self.max_batch):
                 if slot_req[slot] >= 0:
                     finish(slot)
-        return GenerationOutput(out, taus, reasons, steps, decode_time)
+        return GenerationOutput(out, taus, reasons, steps, decode_time, lps)
 
 
 def print_progress(every: int = 16, stream=sys.stderr):

@@ -44,12 +44,12 @@ def _prompts(n=6, seed=0):
 
 
 def _spec(pair, mesh, prompts, *, temperature=0.0, oracle=None, backend="xla", max_new=24,
-          max_batch=4):
+          max_batch=4, draft_sampling=False, **kw):
     target, draft = pair
     dec = SpeculativeDecoder(target, draft, max_batch=max_batch, max_seq_len=64, backend=backend,
-                             mesh=mesh, proposal_override=oracle)
+                             mesh=mesh, proposal_override=oracle, draft_sampling=draft_sampling)
     return dec.generate(prompts, max_new_tokens=max_new, temperature=temperature, seed=5,
-                        queue=True)
+                        queue=True, **kw)
 
 
 @pytest.mark.parametrize("name", list(MESHES))
@@ -87,6 +87,40 @@ def test_sampling_gives_the_single_device_tokens_for_the_same_seeds(pair, name):
                                   max_seq_len=64)
     arm = generate_autoregressive(pair[0], prompts, max_new_tokens=24, temperature=0.9, seed=5,
                                   max_seq_len=64, mesh=_mesh(MESHES[name]))
+    assert arm.tokens == ar1.tokens
+
+
+def test_draft_sampling_and_logprobs_on_a_model_mesh(pair):
+    """Drafts sampled from the draft's distribution (its probabilities split over the vocabulary
+    shards, normalised across them) and logprobs: the single-device decoder's tokens and
+    logprobs (to float rounding)."""
+    prompts = _prompts(4, seed=5)
+    kw = dict(temperature=[0.9, 0.0, 1.2, 0.7], draft_sampling=True, logprobs=True)
+    one = _spec(pair, None, prompts, **kw)
+    got = _spec(pair, _mesh(MESHES["model2"]), prompts, **kw)
+    assert got.tokens == one.tokens
+    np.testing.assert_allclose(np.concatenate(got.logprobs), np.concatenate(one.logprobs),
+                               atol=1e-4)
+
+
+def test_filters_need_whole_vocabulary_rows(pair):
+    """top-k / top-p / min-p: refused with a model axis > 1 (before anything runs); over a
+    data-only mesh the single-device tokens."""
+    prompts = _prompts(4, seed=6)
+    filt = dict(temperature=0.9, top_k=[5, 0, 20, 3], top_p=0.8, min_p=[0.0, 0.05, 0.0, 0.1])
+    with pytest.raises(ValueError, match="model axis has size 2"):
+        _spec(pair, _mesh(MESHES["model2"]), prompts, **filt)
+    with pytest.raises(ValueError, match="model axis has size 2"):
+        generate_autoregressive(pair[0], prompts, max_new_tokens=4, max_seq_len=64,
+                                mesh=_mesh(MESHES["model2"]), top_p=0.5)
+    for ds in (False, True):
+        one = _spec(pair, None, prompts, draft_sampling=ds, **filt)
+        got = _spec(pair, _mesh(MESHES["data2"]), prompts, draft_sampling=ds, **filt)
+        assert got.tokens == one.tokens
+    ar1 = generate_autoregressive(pair[0], prompts, max_new_tokens=24, seed=5, max_seq_len=64,
+                                  **filt)
+    arm = generate_autoregressive(pair[0], prompts, max_new_tokens=24, seed=5, max_seq_len=64,
+                                  mesh=_mesh(MESHES["data2"]), **filt)
     assert arm.tokens == ar1.tokens
 
 
