@@ -88,11 +88,12 @@ def hbm_bytes(shape) -> int:
 def main_loop(shape, *, chip: str = "v5p"):
     from bench.static import MainLoop
     from pallas_ops.chips import CHIPS
-    from pallas_ops.verify.filter_kernel import UNROLL
+    from pallas_ops.verify.filter_kernel import MASS_UNROLL, UNROLL
 
     B, bs, V = shape.batch, shape.block_size, shape.vocab
     nchunks = -(-V // 128)
     groups = nchunks // UNROLL - (1 if V % 128 and nchunks % UNROLL == 0 else 0)
+    mass_groups = (nchunks - (1 if V % 128 else 0)) // MASS_UNROLL
     steps = 16 if shape.dtype == "bfloat16" else 32
     on_k, on_p = bool(shape.top_k), shape.top_p < 1
     p_alone = on_p and not on_k
@@ -114,7 +115,7 @@ def main_loop(shape, *, chip: str = "v5p"):
         iterations=B,
         cores=min(CHIPS[chip].tensorcores, B),
         loop_depth=1,
-        inner_trips=(groups, steps if on_k else 0, groups if p_alone else 0,
+        inner_trips=(groups, steps if on_k else 0, mass_groups if p_alone else 0,
                      steps if on_p else 0) + fallback,
         taken_branches=(False, True, False, not on_k, not p_alone, p_alone, not on_p,
                         not shape.fallback, not (shape.fallback and on_k),

@@ -15,6 +15,12 @@ Blocks holding only padding sequences (>= num_seqs) map their DMAs onto the last
 last tile (so nothing is fetched) and skip the compute. Greedy sequences skip the noise (a
 scalar-prefetched flag per sequence), so a mixed batch pays for sampling only where T > 0.
 
+Filters (top-k / top-p / min-p): sequences with one go through `filter_kernel` first, which
+samples most of them from per-lane candidates in its own read; here they are kind 3 (only the
+max is folded, to detect a NaN or a row of all -inf) or, when their kept set left the
+candidates, kind 2 (sampled above their threshold tau, a row input). A batch the filter pass
+finished entirely does not run this kernel (`verify_call`).
+
 The draft_probs path runs the same single pass with an online log-sum-exp, then a small jnp step
 (`pallas_ops.verify.xla.finish_probs`): accept test u * q(d) < p(d), and at the first rejection a
 Gumbel-max sample of max(0, p - q) from that one row of logits and q (B x V elements, not
