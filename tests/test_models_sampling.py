@@ -93,12 +93,9 @@ def test_speculative_sampling_matches_target_random_draft(exact):
     assert _chi2_pvalue(counts, exact[3] * counts.sum()) > ALPHA
 
 
-def test_speculative_sampling_matches_target_mode_draft(exact):
-    """Drafts = the target's most likely next tokens, so many are accepted: the accept path and
-    the tokens emitted after accepted drafts must still follow the target distribution."""
-    _, p2, p3, _ = exact
-    accepted = []
-
+def _mode_proposals(p2, p3):
+    """proposal_override drafting the target's most likely next tokens (p2 [V, V], p3 [V, V, V]:
+    the next-token distributions after one and two generated tokens)."""
     def modes(request, generated, n):
         if len(generated) == 1:
             a = generated[0]
@@ -107,6 +104,16 @@ def test_speculative_sampling_matches_target_mode_draft(exact):
         else:
             prop = [int(np.argmax(p3[generated[0], generated[1]]))]
         return prop + [0] * (n - len(prop))
+    return modes
+
+
+def test_speculative_sampling_matches_target_mode_draft(exact):
+    """Drafts = the target's most likely next tokens, so many are accepted: the accept path and
+    the tokens emitted after accepted drafts must still follow the target distribution."""
+    _, p2, p3, _ = exact
+    accepted = []
+
+    modes = _mode_proposals(p2, p3)
 
     dec = _spec(modes)
 
@@ -142,18 +149,9 @@ def test_same_seed_same_output_independent_of_batch_layout(draft_sampling):
     assert d.tokens[0] == a.tokens[0]
 
 
-@pytest.mark.parametrize("temperature", [0.7, 1.3])
-def test_speculative_sampling_emits_the_autoregressive_samples(temperature):
-    """Both decoders draw the token after position p by Gumbel-max with the noise of (seed, p)
-    (`pallas_ops.rng`): exact speculative sampling with one-hot drafts accepts a draft iff it is
-    that sample and otherwise emits that sample, so for the same seeds DFlash emits exactly the
-    autoregressive samples, whether its drafts are rejected (the untrained draft) or accepted
-    (drafts taken from the autoregressive output itself)."""
-    rng_ = np.random.default_rng(5)
-    prompts = [[int(t) for t in rng_.integers(0, V, n)] for n in (4, 1, 7, 3, 5, 2)]
-    kw = dict(max_new_tokens=12, temperature=temperature, seed=77)
-    ar = generate_autoregressive(TARGET, prompts, max_batch=8, max_seq_len=32, backend="xla", **kw)
-
+def _spec_matches_ar(prompts, ar, kw):
+    """Greedy-drafted speculative sampling emits the autoregressive samples, whether its drafts
+    are rejected (the untrained draft) or accepted (drafts taken from the AR output itself)."""
     def from_ar(request, generated, n):
         ahead = ar.tokens[request][len(generated):len(generated) + n]
         return list(ahead) + [0] * (n - len(ahead))
@@ -166,6 +164,21 @@ def test_speculative_sampling_emits_the_autoregressive_samples(temperature):
         assert out.tokens == ar.tokens
         if override is not None:     # the accept path ran: whole blocks accepted
             assert max(t for seq in out.acceptance_lengths for t in seq) == 4
+
+
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_speculative_sampling_emits_the_autoregressive_samples(temperature):
+    """Both decoders draw the token after position p by Gumbel-max with the noise of (seed, p)
+    (`pallas_ops.rng`): exact speculative sampling with one-hot drafts accepts a draft iff it is
+    that sample and otherwise emits that sample, so for the same seeds DFlash emits exactly the
+    autoregressive samples, whether its drafts are rejected (the untrained draft) or accepted
+    (drafts taken from the autoregressive output itself)."""
+    rng_ = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng_.integers(0, V, n)] for n in (4, 1, 7, 3, 5, 2)]
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=77)
+    ar = generate_autoregressive(TARGET, prompts, max_batch=8, max_seq_len=32, backend="xla", **kw)
+
+    _spec_matches_ar(prompts, ar, kw)
 
 
 # -- filters (top-k / top-p / min-p), draft sampling, logprobs -----------------------------------
@@ -244,14 +257,7 @@ def test_draft_sampling_with_overridden_proposals_stays_exact(dense_logits):
     n = len(PROMPT)
     p2, p3 = probs[::V, n].reshape(V, V), probs[:, n + 1].reshape(V, V, V)
 
-    def modes(request, generated, k):
-        if len(generated) == 1:
-            a = generated[0]
-            b = int(np.argmax(p2[a]))
-            prop = [b, int(np.argmax(p3[a, b]))]
-        else:
-            prop = [int(np.argmax(p3[generated[0], generated[1]]))]
-        return prop + [0] * (k - len(prop))
+    modes = _mode_proposals(p2, p3)
 
     dec = SpeculativeDecoder(TARGET, DRAFT, max_batch=BATCH, max_seq_len=16, page_size=16,
                              backend="xla", block_size=4, poison=True, draft_sampling=True,
@@ -289,18 +295,7 @@ def test_speculative_and_autoregressive_emit_the_same_tokens_with_filters(name):
                                     max_new_tokens=12, seed=78, temperature=filt["temperature"])
     assert ar.tokens != plain.tokens                   # the filters changed the samples
 
-    def from_ar(request, generated, n):
-        ahead = ar.tokens[request][len(generated):len(generated) + n]
-        return list(ahead) + [0] * (n - len(ahead))
-
-    for override in (None, from_ar):
-        dec = SpeculativeDecoder(TARGET, DRAFT, max_batch=8, max_seq_len=32, page_size=16,
-                                 backend="xla", block_size=4, poison=True,
-                                 proposal_override=override, draft_sampling=False)
-        out = dec.generate(prompts, **kw)
-        assert out.tokens == ar.tokens
-        if override is not None:
-            assert max(t for seq in out.acceptance_lengths for t in seq) == 4
+    _spec_matches_ar(prompts, ar, kw)
 
 
 def _dense_next_logits(prompt, tokens, length=32):

@@ -23,17 +23,26 @@ def _concrete(x):
         return None
 
 
-def check_filters(B, V, temperature, top_k, top_p, min_p, return_logprobs, top_logprobs,
-                  vocab_axis_name):
-    """Shapes, dtypes and (when concrete) values of the sampling filters and logprobs options."""
-    for name, arr, kind in (("top_k", top_k, jnp.integer), ("top_p", top_p, jnp.floating),
-                            ("min_p", min_p, jnp.floating)):
+def _check_per_sequence(B, named):
+    """(name, array | None, dtype kind) triples: each given array is [B] of that kind."""
+    for name, arr, kind in named:
         if arr is None:
             continue
         if _shape(arr) != (B,):
             raise ValueError(f"{name} must have shape [B] = {(B,)}, got {_shape(arr)}")
         if not jnp.issubdtype(_dtype(arr), kind):
             raise ValueError(f"{name} has dtype {_dtype(arr)}, expected {kind.__name__}")
+
+
+def check_filters(B, V, temperature, top_k, top_p, min_p, return_logprobs, top_logprobs,
+                  vocab_axis_name):
+    """Shapes, dtypes and (when concrete) values of the sampling filters and logprobs options."""
+    named = (("top_k", top_k, jnp.integer), ("top_p", top_p, jnp.floating),
+             ("min_p", min_p, jnp.floating))
+    _check_per_sequence(B, named)
+    for name, arr, _ in named:
+        if arr is None:
+            continue
         val = _concrete(arr)
         if val is None:
             continue
@@ -79,14 +88,8 @@ def check_args(logits, draft_tokens, temperature, seed, position, draft_probs, n
                          f"got {_shape(draft_tokens)}")
     if not jnp.issubdtype(_dtype(draft_tokens), jnp.integer):
         raise ValueError(f"draft_tokens must be an integer array, got {_dtype(draft_tokens)}")
-    for name, arr, kind in (("temperature", temperature, jnp.floating),
-                            ("seed", seed, jnp.integer), ("position", position, jnp.integer)):
-        if arr is None:
-            continue
-        if _shape(arr) != (B,):
-            raise ValueError(f"{name} must have shape [B] = {(B,)}, got {_shape(arr)}")
-        if not jnp.issubdtype(_dtype(arr), kind):
-            raise ValueError(f"{name} has dtype {_dtype(arr)}, expected {kind.__name__}")
+    _check_per_sequence(B, (("temperature", temperature, jnp.floating),
+                            ("seed", seed, jnp.integer), ("position", position, jnp.integer)))
     if temperature is not None and seed is None:
         raise ValueError("seed is required when temperature is given (sampling rows need a key)")
     if draft_probs is not None:
