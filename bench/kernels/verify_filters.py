@@ -41,6 +41,7 @@ SHAPES = [
     FilterShape("qwen3-b64-bs16-topk50-topp09", 64, 16, 151936, top_k=50, top_p=0.9),
     FilterShape("qwen3-b64-bs16-minp005", 64, 16, 151936, min_p=0.05),
     FilterShape("qwen3-b64-bs16-topp09-fallback", 64, 16, 151936, top_p=0.9, fallback=True),
+    FilterShape("qwen3-b64-bs16-topp09-f32", 64, 16, 151936, dtype="float32", top_p=0.9),
 ]
 
 
