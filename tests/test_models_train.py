@@ -197,5 +197,6 @@ def test_shipped_checkpoints_load_and_decode():
     dec = SpeculativeDecoder(target, draft, max_batch=2, max_seq_len=48 + n)
     out = dec.generate(prompts, max_new_tokens=n)
     assert out.tokens == ar.tokens
-    # a trained drafter accepts more than the bare minimum of one token per step
-    assert out.mean_acceptance > 1.5
+    # a trained drafter accepts far more than one token per step: 11.0 on these two prompts
+    # (drafts read one block position early, a planted bug, give 3.1)
+    assert out.mean_acceptance > 6
