@@ -52,6 +52,17 @@ def pytest_report_header(config):
     return f"hypothesis profile: {PROFILE} (PALLAS_DFLASH_PROFILE)"
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _clear_jax_caches():
+    """Free each module's compiled programs when it ends: one process runs the whole suite, and
+    the interpreted kernels compile to large CPU programs (a full run once segfaulted in XLA's
+    CPU compiler late in the suite, never when the module ran alone)."""
+    yield
+    import jax
+
+    jax.clear_caches()
+
+
 @pytest.fixture(autouse=True)
 def _reset_tpu_interpreter():
     """A kernel that raised inside the TPU interpreter leaves its state behind: clear it."""

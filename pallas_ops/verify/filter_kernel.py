@@ -56,6 +56,9 @@ BAD = -2            # ftok: finished here, and invalid (a NaN logit, or all -inf
 UNROLL = 32          # chunks per loop iteration of a sweep (v5p: 53 bundles per 8 chunks of
 #                      16 bf16 rows in the insertion sweep at 32, 57 at 16, 66 at 8)
 MASS_UNROLL = 32     # of the total-mass sweep (more exps in flight: 28.5 per 8 at 32, 41 at 8)
+INTERPRET_UNROLL = 8   # both, when interpreted: the same loops, a smaller program for the CPU
+#                        compiler (with 32, a full test run segfaulted in XLA's CPU compile of
+#                        a filtered call, twice at the same test; never with the module alone)
 _LOWEST_BF16 = -3.3895313892515355e38     # 0xFF7F0000: -inf stands in as this when packed
 _TINY = 2.0 ** -100                        # +-0 stand in as this when packed
 
@@ -107,7 +110,7 @@ def _rsum(parts):
     return jnp.sum(tot, axis=-1, keepdims=True)
 
 
-def _kernel(*refs, V, Vp, r, packed):
+def _kernel(*refs, V, Vp, r, packed, unroll, mass_unroll):
     it = iter(refs)
     # Prefetch
     flags_ref = next(it)        # SMEM int32 [B]: 0 not filtered, else 1 | 2 top-k | 4 top-p | 8
@@ -129,7 +132,7 @@ def _kernel(*refs, V, Vp, r, packed):
     i = pl.program_id(0)
     flags = flags_ref[i]
     nchunks = Vp // LANES
-    ngroups, nrest = divmod(nchunks, UNROLL)
+    ngroups, nrest = divmod(nchunks, unroll)
     tail = V % LANES
     lane = lax.broadcasted_iota(jnp.int32, (r, LANES), 1)
 
@@ -143,31 +146,35 @@ def _kernel(*refs, V, Vp, r, packed):
         return x
 
     def sweep(fn, acc):
-        """acc = fn(c, acc) over every chunk, UNROLL at a time (the last, masked, chunk and the
+        """acc = fn(c, acc) over every chunk, unroll at a time (the last, masked, chunk and the
         remainder of the groups unrolled statically)."""
         last_masked = bool(tail)
         body = ngroups if not (last_masked and nrest == 0) else ngroups - 1
         if body > 0:
             def group(g, a):
-                for u in range(UNROLL):
-                    a = fn(g * UNROLL + u, a)
+                for u in range(unroll):
+                    a = fn(g * unroll + u, a)
                 return a
             acc = lax.fori_loop(0, body, group, acc)
-        for c in range(body * UNROLL, nchunks):
+        for c in range(body * unroll, nchunks):
             acc = fn(c, acc)
         return acc
 
     def sweep_sum(term):
-        """sum over the row of term(c) [r, 128] -> [r, 1], into UNROLL accumulators (chunk c
-        into slot c % UNROLL: no chain of dependent adds)."""
+        """sum over the row of term(c) [r, 128] -> [r, 1], into unroll accumulators (chunk c
+        into slot c % unroll: no chain of dependent adds)."""
         body = ngroups if not (tail and nrest == 0) else ngroups - 1
-        acc = [jnp.zeros((r, LANES), jnp.float32) for _ in range(UNROLL)]
+        nacc = min(unroll, 8)
+        acc = [jnp.zeros((r, LANES), jnp.float32) for _ in range(nacc)]
         if body > 0:
             def group(g, a):
-                return tuple(a[u] + term(g * UNROLL + u) for u in range(UNROLL))
+                a = list(a)
+                for u in range(unroll):
+                    a[u % nacc] = a[u % nacc] + term(g * unroll + u)
+                return tuple(a)
             acc = list(lax.fori_loop(0, body, group, tuple(acc)))
-        for c in range(body * UNROLL, nchunks):
-            acc[c % UNROLL] = acc[c % UNROLL] + term(c)
+        for c in range(body * unroll, nchunks):
+            acc[c % nacc] = acc[c % nacc] + term(c)
         tot = acc[0]
         for a in acc[1:]:
             tot = tot + a
@@ -236,10 +243,10 @@ def _kernel(*refs, V, Vp, r, packed):
             cand = init
             if body > 0:
                 cand = lax.fori_loop(
-                    0, body, lambda g, st: group([g * UNROLL + u for u in range(UNROLL)], st),
+                    0, body, lambda g, st: group([g * unroll + u for u in range(unroll)], st),
                     cand)
-            if body * UNROLL < nchunks:
-                cand = group(list(range(body * UNROLL, nchunks)), cand)
+            if body * unroll < nchunks:
+                cand = group(list(range(body * unroll, nchunks)), cand)
             return cand
 
         p_alone = on_p & jnp.logical_not(on_k)
@@ -282,19 +289,19 @@ def _kernel(*refs, V, Vp, r, packed):
         # insertion sweep's per-lane sums, brought to the row max)
         def total_mass():
             # top-p without top-k: the whole row's mass, one more sweep of the VMEM copy (four
-            # accumulators, MASS_UNROLL chunks per iteration: more exps in flight). Fused into
+            # accumulators, mass_unroll chunks per iteration: more exps in flight). Fused into
             # the insertion sweep it measured slower (108-118 bundles per 8 chunks against
             # 66 + 41 with 8 chunks per iteration).
-            body, rest = divmod(nchunks - (1 if tail else 0), MASS_UNROLL)
+            body, rest = divmod(nchunks - (1 if tail else 0), mass_unroll)
 
             def group(g, a):
-                for u in range(MASS_UNROLL):
-                    a = a[1:] + (a[0] + jnp.exp(x_at(g * MASS_UNROLL + u) * invt - m_safe),)
+                for u in range(mass_unroll):
+                    a = a[1:] + (a[0] + jnp.exp(x_at(g * mass_unroll + u) * invt - m_safe),)
                 return a
             acc = (jnp.zeros((r, LANES), jnp.float32),) * 4
             if body:
                 acc = lax.fori_loop(0, body, group, acc)
-            for c in range(body * MASS_UNROLL, nchunks):
+            for c in range(body * mass_unroll, nchunks):
                 acc = acc[1:] + (acc[0] + jnp.exp(x_at(c) * invt - m_safe),)
             return jnp.sum((acc[0] + acc[1]) + (acc[2] + acc[3]), axis=-1, keepdims=True)
 
@@ -434,7 +441,9 @@ def filters_call(logits, inv_t, key, active, top_k, top_p, min_p, *, interpret, 
     vmem = 2 * r * Vp * itemsize + r * Vp * 4 + (1 << 20)
     budget = CHIPS[chip].vmem_bytes if chip in CHIPS else 64 << 20
     packed = jnp.dtype(logits.dtype) == jnp.bfloat16 and Vp // LANES <= 0xFFFF
-    kernel = functools.partial(_kernel, V=V, Vp=Vp, r=r, packed=packed)
+    unroll = INTERPRET_UNROLL if interpret else UNROLL
+    kernel = functools.partial(_kernel, V=V, Vp=Vp, r=r, packed=packed, unroll=unroll,
+                               mass_unroll=INTERPRET_UNROLL if interpret else MASS_UNROLL)
     f32 = jax.ShapeDtypeStruct((B, bs, 1), jnp.float32)
     i32 = jax.ShapeDtypeStruct((B, bs, 1), jnp.int32)
     tau, ftok, flse = pl.pallas_call(
