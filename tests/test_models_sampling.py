@@ -149,7 +149,7 @@ def test_same_seed_same_output_independent_of_batch_layout(draft_sampling):
     assert d.tokens[0] == a.tokens[0]
 
 
-def _spec_matches_ar(prompts, ar, kw):
+def _assert_spec_matches_ar(prompts, ar, kw):
     """Greedy-drafted speculative sampling emits the autoregressive samples, whether its drafts
     are rejected (the untrained draft) or accepted (drafts taken from the AR output itself)."""
     def from_ar(request, generated, n):
@@ -178,7 +178,7 @@ def test_speculative_sampling_emits_the_autoregressive_samples(temperature):
     kw = dict(max_new_tokens=12, temperature=temperature, seed=77)
     ar = generate_autoregressive(TARGET, prompts, max_batch=8, max_seq_len=32, backend="xla", **kw)
 
-    _spec_matches_ar(prompts, ar, kw)
+    _assert_spec_matches_ar(prompts, ar, kw)
 
 
 # -- filters (top-k / top-p / min-p), draft sampling, logprobs -----------------------------------
@@ -295,7 +295,7 @@ def test_speculative_and_autoregressive_emit_the_same_tokens_with_filters(name):
                                     max_new_tokens=12, seed=78, temperature=filt["temperature"])
     assert ar.tokens != plain.tokens                   # the filters changed the samples
 
-    _spec_matches_ar(prompts, ar, kw)
+    _assert_spec_matches_ar(prompts, ar, kw)
 
 
 def _dense_next_logits(prompt, tokens, length=32):

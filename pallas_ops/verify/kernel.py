@@ -428,7 +428,7 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
         outs = _verify_call(logits, drafts, ns, samp_seq, params, vocab_offset(V, axis),
                             filtered, bsz=bsz, with_lse=with_lse, stats=stats,
                             interpret=interpret, chip=chip, greedy_lse=logprobs)
-        if not stats and not logprobs:
+        if not stats:
             tok, acc = outs
             return VerifyResult(acc[:, 0, 0], tok[..., 0])
         idx, nan, mx, *lse = (o[..., 0] for o in outs)
