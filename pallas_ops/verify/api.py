@@ -38,9 +38,11 @@ def verify_accept(logits, draft_tokens, *, temperature=None, seed=None, position
         what top-k kept, renormalised) whose sum reaches p (ties at the boundary kept), 1 = off.
       min_p: f32 [B] in [0, 1) or None; keeps tokens with probability >= min_p * the largest,
         0 = off. The filters apply to softmax(logits / T) of sampling rows, in this order, then
-        renormalise; greedy rows ignore them. A sequence with a filter set reads its logits twice
-        (`threshold_kernel`: the thresholds, by bisection in VMEM; then this kernel, sampling
-        above them); the others stay single-pass. Values are checked when concrete (not traced).
+        renormalise; greedy rows ignore them. A sequence with a filter set goes through
+        `filter_kernel` first (one read: thresholds and, mostly, the sample from per-lane
+        candidates); rows whose kept set leaves the candidates are sampled above their
+        threshold by the sampling kernel (a second read). The others stay single-pass. Values
+        are checked when concrete (not traced).
       return_logprobs: also return `VerifyResult.logprobs` f32 [B, bs]: each emitted token's
         log-probability under the distribution it was emitted from (sampling rows: the tempered,
         filtered target distribution; greedy rows: softmax(logits)), 0 where tokens is -1. From

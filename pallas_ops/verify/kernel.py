@@ -295,8 +295,8 @@ def _vmem_estimate(bb, bs, tv, itemsize, with_lse):
     return 2 * tile + scratch + small
 
 
-def _verify_call(logits, drafts, ns, samp_seq, params, offset, tau, *, bsz, with_lse, stats,
-                 interpret, chip, greedy_lse=False):
+def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, bsz, with_lse,
+                 stats, interpret, chip, greedy_lse=False):
     """stats=False: the accept scan in the kernel -> (tokens [B, bs, 1], num_accepted [B, 1, 1]).
     stats=True: per-row statistics of this vocabulary shard (columns offset .. offset + V - 1)
     -> (winner index, NaN flag, winner score[, lse]) each [B, bs, 1]."""
@@ -334,10 +334,10 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, tau, *, bsz, with
         in_specs += [row_spec] * 2
         args += [inv_t[..., None], key[..., None]]
         prefetch.append(samp_seq)
-    filtered = tau is not None
+    filtered = filter_rows is not None          # (tau, ftok) [B, bs] of the filter pass
     if filtered:
         in_specs += [row_spec] * 2
-        args += [tau[0][..., None], tau[1][..., None]]
+        args += [filter_rows[0][..., None], filter_rows[1][..., None]]
     if stats:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
                      jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
