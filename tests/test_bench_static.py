@@ -190,6 +190,98 @@ def test_analyze_dump_on_checked_in_dump(version):
     assert r.busiest_unit == "SALU" and r.busiest_unit_bundles == 7
 
 
+class _FakeModule:
+    """A bench module for `_analyze_calls` / `_limits`: fixed bytes and flops, 1 or 2 calls."""
+
+    def __init__(self, calls: int, hbm_bytes: int, flops: int):
+        self._calls, self._bytes, self._flops = calls, hbm_bytes, flops
+
+    def main_loop(self, shape, *, chip):
+        ml = static.MainLoop(call_name="static_mini_loop", bytes_per_iteration=4096, iterations=8)
+        return ml if self._calls == 1 else (ml,) * self._calls
+
+    def hbm_bytes(self, shape):
+        return self._bytes
+
+    def flops(self, shape):
+        return self._flops
+
+
+def _mini_record(version: str, calls: int) -> dict:
+    files = {k: str(v) for k, v in (("bundles", mini_files(version)["final_bundles"]),
+                                    ("allocations", mini_files(version)["allocations"]),
+                                    ("utilization", mini_files(version)["utilization"]))}
+    return {"calls": [{"name": f"static_mini_loop.{i + 1}", "op_name": "", "files": files}
+                      for i in range(calls)]}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_two_calls_add_up_and_limits(version, monkeypatch):
+    """A program of two kernels (as a peer's two RPA calls per draft layer): the k-th MainLoop
+    takes the k-th call of its name, predicted times add; the limit is the larger floor."""
+    from bench.static import analysis
+    from pallas_ops.chips import CHIPS
+
+    monkeypatch.setattr(static_parse, "libtpu_version", lambda: version)
+    one = static.Result(kernel="k", shape="s", chip="v5p")
+    assert analysis._analyze_calls(one, _mini_record(version, 1), _FakeModule(1, 0, 0), None)
+    two = static.Result(kernel="peer_k", shape="s", chip="v5p")
+    assert analysis._analyze_calls(two, _mini_record(version, 2), _FakeModule(2, 0, 0), None)
+    assert [c["call"] for c in two.calls] == ["static_mini_loop.1", "static_mini_loop.2"]
+    assert two.predicted_us == pytest.approx(2 * one.predicted_us)
+    assert not one.calls
+    # Asking for more calls than the program has is an error, not a silent half.
+    three = static.Result(kernel="k", shape="s", chip="v5p")
+    assert not analysis._analyze_calls(three, _mini_record(version, 2), _FakeModule(3, 0, 0), None)
+    assert three.status == "error" and "call 2 of 3" in three.reason
+    spec = CHIPS["v5p"]
+    # HBM-limited: 1 MB against 1 MFLOP; MXU-limited: the other way round.
+    for nbytes, flops, kind in ((10 ** 6, 10 ** 6, "HBM"), (10, 10 ** 12, "MXU")):
+        r = dataclasses.replace(one)
+        analysis._limits(r, _FakeModule(1, nbytes, flops), None)
+        hbm, mxu = nbytes / spec.hbm_bytes_per_s * 1e6, flops / spec.bf16_flops * 1e6
+        assert (r.hbm_floor_us, r.mxu_floor_us) == (pytest.approx(hbm), pytest.approx(mxu))
+        assert r.limit_kind == kind and r.limit_us == pytest.approx(max(hbm, mxu))
+        assert r.efficiency == pytest.approx(max(hbm, mxu) / r.predicted_us)
+
+
+def test_whole_program_takes_the_larger_of_cost_model_and_bytes():
+    from bench.static import analysis
+    from pallas_ops.chips import CHIPS
+
+    bw = CHIPS["v5p"].hbm_bytes_per_s
+    for seconds, nbytes in ((1e-3, 1e6), (1e-6, 1e10)):
+        r = static.Result(kernel="peer_x", shape="s", chip="v5p", fusions=7,
+                          xla_cost={"optimal_seconds": seconds, "bytes accessed": nbytes})
+        analysis._whole_program(r)
+        assert r.bound == "XLA" and "7 fusions" in r.reason
+        assert r.predicted_us == pytest.approx(max(seconds * 1e6, nbytes / bw * 1e6))
+    r = static.Result(kernel="peer_x", shape="s", chip="v5p")
+    analysis._whole_program(r)
+    assert r.status == "error"
+
+
+def test_side_by_side_pairs_shapes_and_marks_the_fastest():
+    def row(kernel, shape, us, limit=10.0):
+        return static.Result(kernel=kernel, shape=shape, chip="v5p", bound="HBM",
+                             predicted_us=us, limit_us=limit, efficiency=limit / us,
+                             peer=kernel.startswith("peer_"))
+
+    failed = static.Result(kernel="peer_p", shape="e", chip="v5p", status="error", peer=True)
+    results = [row("paged", "a", 20.0), row("peer_p", "a", 40.0), row("paged", "b", 50.0),
+               row("peer_p", "b", 25.0), row("paged", "c", 30.0),   # c: no peer, no row
+               row("block", "d", 12.5), row("peer_q", "d", 100.0),
+               row("paged", "e", 20.0), failed]                     # e: the peer fails
+    text = cli.side_by_side(results)
+    tables = text.split("\n\n")
+    assert len(tables) == 2 and "| paged | peer_p |" in tables[0]
+    assert "| block | peer_q |" in tables[1]
+    assert "| a | v5p | 10.0 | **20.0 (50%)** | 40.0 (25%) | paged | 0.50x |" in text
+    assert "| b | v5p | 10.0 | 50.0 (20%) | **25.0 (40%)** | peer_p | 2.00x |" in text
+    assert "| c |" not in text and "| d | v5p | 10.0 | **12.5 (80%)** |" in text
+    assert "| e | v5p | 10.0 | **20.0 (50%)** | n/a | paged | - |" in text
+
+
 def test_dump_format_table():
     assert all(f.delay_slots == 4 for f in static_parse.FORMATS.values())
     assert static_parse.dump_format("0.0.42.1").jax == "0.10.2"
@@ -439,5 +531,10 @@ def test_whole_path_on_jax_paged_attention(tmp_path, capsys):
     assert r["bound"] == "issue" and r["issue_over_hbm"] > ratio
     assert r["iterations"] == 8 * 8 * (1024 // 128) and r["cores"] == 2
     assert r["predicted_us"] > r["hbm_floor_us"] > 0
+    # Decode does little matmul work: the limit is the HBM floor, efficiency below 1.
+    assert 0 < r["mxu_floor_us"] < r["hbm_floor_us"] == r["limit_us"]
+    assert r["limit_kind"] == "HBM" and r["efficiency"] == pytest.approx(
+        r["limit_us"] / r["predicted_us"])
+    assert r["xla_cost"] and r["peer"]
     # Its VMEM: double-buffered K and V blocks (2 x 2 x 8 pages x 16 x 128 bf16 = 128 KiB) + more.
     assert 128 * 1024 < r["vmem_bytes"] < CHIPS["v5p"].vmem_bytes

@@ -96,6 +96,13 @@ def hbm_bytes(shape) -> int:
     return kv + qo + table
 
 
+def flops(shape) -> int:
+    """Matmul flops of decode attention (the paged module's count at q_len 1)."""
+    from bench.kernels import paged as paged_mod
+
+    return paged_mod.flops(shape)
+
+
 def main_loop(shape, *, chip: str = "v5p"):
     """The static-analysis protocol (see CONTRIBUTING.md): the block loop and its HBM bytes.
 

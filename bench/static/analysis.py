@@ -112,6 +112,15 @@ class Result:
     predicted_us: float | None = None
     hbm_bytes_call: int | None = None   # bench module's hbm_bytes(shape)
     hbm_floor_us: float | None = None   # hbm_bytes_call at the whole chip's bandwidth
+    flops_call: int | None = None       # bench module's flops(shape): compulsory matmul flops
+    mxu_floor_us: float | None = None   # flops_call at the whole chip's bf16 MXU peak
+    limit_us: float | None = None       # the physical limit: max(hbm_floor_us, mxu_floor_us)
+    limit_kind: str | None = None       # which of the two it is: "HBM" or "MXU"
+    efficiency: float | None = None     # limit_us / predicted_us
+    peer: bool = False                  # another project's kernel (bench/kernels/peer_*.py)
+    calls: list = dataclasses.field(default_factory=list)   # per kernel of a multi-call program
+    xla_cost: dict = dataclasses.field(default_factory=dict)   # XLA's cost analysis of it all
+    fusions: int | None = None          # XLA fusions in the compiled program
     delay_slot_violations: int = 0
     dump_dir: str | None = None
 
@@ -119,9 +128,11 @@ class Result:
         return dataclasses.asdict(self)
 
 
-def _pick_call(calls: list[dict], call_name: str | None) -> tuple[dict | None, str]:
-    """(the custom call to analyse, a note if it was not found by name)."""
-    calls = [c for c in calls if c.get("files", {}).get("bundles")]
+def _pick_call(calls: list[dict], call_name: str | None,
+               taken: tuple = ()) -> tuple[dict | None, str]:
+    """(the custom call to analyse, a note if it was not found by name); calls in `taken`
+    (names) are passed over, so the k-th of several calls of one name can be picked."""
+    calls = [c for c in calls if c.get("files", {}).get("bundles") and c["name"] not in taken]
     if not calls:
         return None, ""
     if call_name:
@@ -278,33 +289,112 @@ def analyze_many(requests: list[tuple[str, str, str]], *, keep_dumps: str | None
                 continue
             mod = mods[r.kernel][0]
             shape = find_shape(r.kernel, r.shape, mod)
-            try:
-                ml = _main_loop_of(mod, shape, r.chip)
-            except Exception as e:  # noqa: BLE001
-                ml, r.reason = None, f"main_loop() failed: {type(e).__name__}: {e}"
-            call, note = _pick_call(rec["calls"], ml.call_name if ml else None)
-            if call is None:
-                r.status, r.reason = "error", "no tpu_custom_call with a final_bundles dump"
+            r.peer = r.kernel.startswith("peer_")
+            r.xla_cost, r.fusions = rec.get("cost") or {}, rec.get("fusions")
+            if getattr(mod, "WHOLE_PROGRAM", False):
+                _whole_program(r)
+            elif not _analyze_calls(r, rec, mod, shape, keep=bool(keep_dumps)):
                 continue
-            r.call = call["name"]
-            r.reason = "; ".join(x for x in (r.reason, note) if x)
-            files = call["files"]
-            text = {k: pathlib.Path(files[k]).read_text() if k in files else None
-                    for k in ("bundles", "allocations", "utilization")}
-            reason = r.reason
-            analyze_dump(text["bundles"], chip=r.chip, main_loop=ml,
-                         allocations_text=text["allocations"],
-                         utilization_text=text["utilization"], result=r)
-            r.reason = "; ".join(x for x in (reason, r.reason) if x)
-            if hasattr(mod, "hbm_bytes"):
-                r.hbm_bytes_call = int(mod.hbm_bytes(shape))
-                r.hbm_floor_us = r.hbm_bytes_call / CHIPS[r.chip].hbm_bytes_per_s * 1e6
-            if keep_dumps:
-                r.dump_dir = str(pathlib.Path(files["bundles"]).parent)
+            _limits(r, mod, shape)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return results
+
+
+def _analyze_calls(r: Result, rec: dict, mod, shape, *, keep: bool = False) -> bool:
+    """Analyse the program's kernel(s) into `r`; False (r.status "error") if none is found.
+
+    A bench module's `main_loop` returns one MainLoop, or a tuple of them for a program of
+    several pallas_calls (e.g. a peer's two calls per draft layer): the k-th is matched to the
+    k-th custom call of its name, and the predicted times add up (`r.calls` lists each; the
+    row's loop figures are the first call's)."""
+    try:
+        mls = _main_loop_of(mod, shape, r.chip)
+    except Exception as e:  # noqa: BLE001
+        mls, r.reason = None, f"main_loop() failed: {type(e).__name__}: {e}"
+    multi = isinstance(mls, (tuple, list))
+    mls = list(mls) if multi else [mls]
+    taken, total_us, parts = [], 0.0, []
+    for k, ml in enumerate(mls):
+        call, note = _pick_call(rec["calls"], ml.call_name if ml else None, tuple(taken))
+        if call is None:
+            r.status, r.reason = "error", ("no tpu_custom_call with a final_bundles dump"
+                                           + (f" for call {k} of {len(mls)}" if multi else ""))
+            return False
+        taken.append(call["name"])
+        files = call["files"]
+        text = {key: pathlib.Path(files[key]).read_text() if key in files else None
+                for key in ("bundles", "allocations", "utilization")}
+        part = r if k == 0 else Result(kernel=r.kernel, shape=r.shape, chip=r.chip)
+        if k == 0:
+            r.call = call["name"]
+            r.reason = "; ".join(x for x in (r.reason, note) if x)
+        reason, part.reason = part.reason, ""
+        analyze_dump(text["bundles"], chip=r.chip, main_loop=ml,
+                     allocations_text=text["allocations"],
+                     utilization_text=text["utilization"], result=part)
+        part.reason = "; ".join(x for x in (reason, part.reason, "" if k == 0 else note) if x)
+        if part.bound is None:
+            r.status, r.reason = "error", f"call {call['name']}: {part.reason or 'no bound'}"
+            return False
+        total_us += part.predicted_us
+        parts.append(part)
+        if keep and r.dump_dir is None:
+            r.dump_dir = str(pathlib.Path(files["bundles"]).parent)
+    if multi:
+        r.calls = [{"call": p.call or taken[i], "bundles_per_iteration": p.bundles_per_iteration,
+                    "hbm_cycles_per_iteration": p.hbm_cycles_per_iteration, "bound": p.bound,
+                    "issue_over_hbm": p.issue_over_hbm, "predicted_us": p.predicted_us,
+                    "vmem_bytes": p.vmem_bytes}
+                   for i, p in enumerate(parts)]
+        r.calls[0]["call"] = r.call
+        for i, p in enumerate(parts[1:], 1):
+            r.calls[i]["call"] = taken[i]
+            if p.reason:
+                r.reason = "; ".join(x for x in (r.reason, f"call {taken[i]}: {p.reason}") if x)
+        r.predicted_us = total_us
+        r.predicted_cycles = sum(p.predicted_cycles for p in parts)
+    return True
+
+
+def _whole_program(r: Result) -> None:
+    """A peer that is a whole XLA program (no pallas_call): its time from XLA's own TPU cost
+    model (`optimal_seconds`) and its bytes accessed at full bandwidth, the larger of the two.
+    Both are what XLA believes the program needs, not a schedule read: a lower bound."""
+    from pallas_ops.chips import CHIPS
+
+    cost = r.xla_cost
+    if not cost:
+        r.status, r.reason = "error", "no cost analysis for the compiled program"
+        return
+    hbm_us = cost.get("bytes accessed", 0.0) / CHIPS[r.chip].hbm_bytes_per_s * 1e6
+    model_us = cost.get("optimal_seconds", 0.0) * 1e6
+    r.bound = "XLA"
+    r.predicted_us = max(hbm_us, model_us)
+    r.reason = "; ".join(x for x in (r.reason, (
+        f"whole XLA program ({r.fusions} fusions): XLA's cost model {model_us:.1f} us, its "
+        f"{cost.get('bytes accessed', 0.0) / 1e6:.1f} MB accessed at full bandwidth "
+        f"{hbm_us:.1f} us")) if x)
+
+
+def _limits(r: Result, mod, shape) -> None:
+    """The shape's physical limit (compulsory HBM bytes and MXU flops) and r's efficiency."""
+    from pallas_ops.chips import CHIPS
+
+    spec = CHIPS[r.chip]
+    if hasattr(mod, "hbm_bytes"):
+        r.hbm_bytes_call = int(mod.hbm_bytes(shape))
+        r.hbm_floor_us = r.hbm_bytes_call / spec.hbm_bytes_per_s * 1e6
+    if hasattr(mod, "flops"):
+        r.flops_call = int(mod.flops(shape))
+        r.mxu_floor_us = r.flops_call / spec.bf16_flops * 1e6
+    floors = [(v, k) for v, k in ((r.hbm_floor_us, "HBM"), (r.mxu_floor_us, "MXU"))
+              if v is not None]
+    if floors:
+        r.limit_us, r.limit_kind = max(floors)
+        if r.predicted_us and r.bound is not None:
+            r.efficiency = r.limit_us / r.predicted_us
 
 
 def analyze(kernel: str, shape: str, *, chip: str = "v5p", keep_dumps: str | None = None) -> Result:

@@ -19,10 +19,35 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n / 1024:.0f} KiB"
 
 
+def _bound(r: Result) -> str:
+    if r.bound is None:
+        return "-"
+    if r.bound == "XLA":
+        return "XLA cost model"
+    return f"{r.bound} ({r.issue_over_hbm:.2f}x)"
+
+
+def _us(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 1000 else f"{x:.1f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.0f}%"
+
+
+def _limit(r: Result) -> str:
+    return "-" if r.limit_us is None else f"{_us(r.limit_us)} {r.limit_kind}"
+
+
 def markdown_table(results: list[Result]) -> str:
+    """One row per (kernel, shape, chip). limit = max(HBM floor, MXU floor): the compulsory
+    bytes at the chip's bandwidth, the compulsory matmul flops at its bf16 peak; efficiency =
+    limit / predicted."""
     head = ("| kernel | shape | chip | bundles/iter | HBM cycles/iter | bound | predicted us "
-            "| HBM floor us | VMEM | busiest unit |")
-    lines = [head, "|" + "---|" * 10]
+            "| HBM floor us | MXU floor us | limit us | efficiency | VMEM | busiest unit |")
+    lines = [head, "|" + "---|" * 13]
     notes = []
     for r in results:
         if r.status != "ok":
@@ -31,16 +56,20 @@ def markdown_table(results: list[Result]) -> str:
         bpi = "-" if r.bundles_per_iteration is None else str(r.bundles_per_iteration)
         if r.bundles_per_iteration != r.main_loop_static_bundles:  # a declared hot path
             bpi += f" (span {r.main_loop_static_bundles})"
+        if len(r.calls) > 1:
+            bpi = " + ".join(str(c["bundles_per_iteration"]) for c in r.calls)
         hbm = "-" if r.hbm_cycles_per_iteration is None else f"{r.hbm_cycles_per_iteration:.0f}"
-        if r.bound is None:
-            bound = "-"
-        else:
-            bound = f"{r.bound} ({r.issue_over_hbm:.2f}x)"
-        pred = "-" if r.predicted_us is None or r.bound is None else f"{r.predicted_us:.1f}"
-        floor = "-" if r.hbm_floor_us is None else f"{r.hbm_floor_us:.1f}"
+        if len(r.calls) > 1:
+            hbm = " + ".join(f"{c['hbm_cycles_per_iteration']:.0f}" for c in r.calls)
+        pred = "-" if r.predicted_us is None or r.bound is None else _us(r.predicted_us)
         busy = "-" if r.busiest_unit is None else f"{r.busiest_unit} {r.busiest_unit_bundles}"
-        lines.append(f"| {r.kernel} | {r.shape} | {r.chip} | {bpi} | {hbm} | {bound} | {pred} "
-                     f"| {floor} | {_fmt_bytes(r.vmem_bytes)} | {busy} |")
+        lines.append(f"| {r.kernel} | {r.shape} | {r.chip} | {bpi} | {hbm} | {_bound(r)} | {pred} "
+                     f"| {_us(r.hbm_floor_us)} | {_us(r.mxu_floor_us)} | {_limit(r)} "
+                     f"| {_pct(r.efficiency)} | {_fmt_bytes(r.vmem_bytes)} | {busy} |")
+        if len(r.calls) > 1:
+            notes.append(f"- {r.kernel} {r.shape} {r.chip}: {len(r.calls)} kernel calls, "
+                         + " + ".join(f"{c['call']} {_us(c['predicted_us'])} us ({c['bound']})"
+                                      for c in r.calls))
         if r.reason:
             notes.append(f"- {r.kernel} {r.shape} {r.chip}: {r.reason}")
         if r.delay_slot_violations:
@@ -50,6 +79,50 @@ def markdown_table(results: list[Result]) -> str:
     if notes:
         text += "\n\n" + "\n".join(notes)
     return text
+
+
+def side_by_side(results: list[Result]) -> str:
+    """Ours and the peers at every (shape, chip) where a peer was asked for: one table per set
+    of our kernels, a column per kernel (ours first). Each cell: predicted us (efficiency), the
+    fastest in bold; "n/a" where the kernel does not run at that shape (an error: see the notes
+    under the main table), "-" where it was not asked."""
+    asked: dict[tuple, dict] = {}
+    for r in results:
+        if r.status != "skipped":
+            asked.setdefault((r.shape, r.chip), {})[r.kernel] = r
+    ok = lambda r: r.status == "ok" and r.predicted_us is not None   # noqa: E731
+    groups: dict[tuple, list] = {}
+    for key, rs in asked.items():
+        mine = tuple(sorted(k for k, r in rs.items() if not r.peer and ok(r)))
+        if mine and any(r.peer for r in rs.values()):
+            groups.setdefault(mine, []).append(key)
+    out = []
+    for mine, keys in groups.items():
+        peers = sorted({k for key in keys for k, r in asked[key].items() if r.peer})
+        kernels = mine + tuple(peers)
+        head = "| shape | chip | limit us | " + " | ".join(kernels) + " | fastest | ours / fastest peer |"
+        lines = [head, "|" + "---|" * (len(kernels) + 5)]
+        for key in keys:
+            rs = {k: r for k, r in asked[key].items() if ok(r)}
+            best = min(rs.values(), key=lambda r: r.predicted_us)
+            ours = min((r for r in rs.values() if not r.peer), key=lambda r: r.predicted_us)
+            theirs = [r for r in rs.values() if r.peer]
+            limit = next((r.limit_us for r in rs.values() if r.limit_us is not None), None)
+            cells = []
+            for k in kernels:
+                r = rs.get(k)
+                if r is None:
+                    cells.append("n/a" if k in asked[key] else "-")
+                    continue
+                eff = "" if r.efficiency is None else f" ({_pct(r.efficiency)})"
+                cell = f"{_us(r.predicted_us)}{eff}"
+                cells.append(f"**{cell}**" if r is best else cell)
+            ratio = "-" if not theirs else (
+                f"{ours.predicted_us / min(r.predicted_us for r in theirs):.2f}x")
+            lines.append(f"| {key[0]} | {key[1]} | {_us(limit)} | " + " | ".join(cells)
+                         + f" | {best.kernel} | {ratio} |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
 
 
 def requests_for(kernels, shapes_, chips) -> list[tuple[str, str, str]]:
@@ -111,6 +184,10 @@ def main(argv=None) -> int:
         shown.append(r)
     print(f"libtpu {version}\n")
     print(markdown_table(shown))
+    peers = side_by_side(results)
+    if peers:
+        print("\nSide by side (predicted us, efficiency = limit / predicted; bold: the fastest):\n")
+        print(peers)
     if a.loops:
         for r in results:
             if r.status == "ok":

@@ -48,6 +48,22 @@ def _custom_calls(hlo_text: str) -> list[dict]:
     return calls
 
 
+_FUSION_RE = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=.*\bfusion\(", re.M)
+_COST_KEYS = ("bytes accessed", "flops", "transcendentals", "optimal_seconds")
+
+
+def _cost(compiled) -> dict:
+    """XLA's cost analysis of the whole compiled program (libtpu's TPU cost model): bytes
+    accessed, flops, transcendentals and its `optimal_seconds` estimate; {} if unavailable."""
+    try:
+        ca = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - optional figures
+        return {}
+    if isinstance(ca, (list, tuple)):
+        ca = ca[0] if ca else {}
+    return {k: float(ca[k]) for k in _COST_KEYS if k in (ca or {})}
+
+
 def _dump_files(dump_dir: pathlib.Path, new: set[str], instr: str) -> dict:
     """{key: file name} of the dump files `bench.static.parse` reads, for HLO instruction
     `instr` (file kinds from the installed libtpu's `DumpFormat.files`)."""
@@ -84,7 +100,10 @@ def _worker(jobs_path: str, dump_dir: str, out_dir: str, results_path: str) -> N
             new = set(os.listdir(dump)) - before if dump.exists() else set()
             jdir = out / f"job{job['id']}"
             jdir.mkdir(parents=True, exist_ok=True)
-            for call in _custom_calls(compiled.as_text()):
+            rec["cost"] = _cost(compiled)
+            hlo = compiled.as_text()
+            rec["fusions"] = len(_FUSION_RE.findall(hlo))
+            for call in _custom_calls(hlo):
                 files = _dump_files(dump, new, call["name"])
                 for key, f in files.items():
                     shutil.copy(dump / f, jdir / f)
