@@ -3,7 +3,9 @@
 
 Model shapes: Llama-3.1-8B (32 q heads, 8 KV heads, head dim 128, vocab 128256) and Qwen3-8B
 (32 q heads, 8 KV heads, head dim 128, vocab 151936). Their DFlash drafters share the target's
-attention geometry; block size 16 (Qwen3 drafters) and 10 (the Llama-3.1 drafter).
+attention geometry; block size 16 (Qwen3 drafters) and 10 (the Llama-3.1 drafter). Qwen3-4B
+(the seeds' v5p benchmark) and its b16 drafter have Qwen3-8B's attention geometry too, so the
+qwen3-8b drafter rows at b1 are also its rows; its verify/accept shape is its own (B = 1, bs 16).
 """
 from __future__ import annotations
 
@@ -72,6 +74,18 @@ def _paged() -> list[PagedAttentionShape]:
     # Mixed: 8 sequences at 4k context, 4 decoding, 3 verifying 16-token blocks, 1 prefill chunk
     # of 256 tokens. q_len/kv_len give the largest member; the builder lays out the batch.
     out.append(PagedAttentionShape("mixed-b8-ctx4096-p16", 8, 256, 4096, mixed=True))
+    # Shapes users hit beyond the model grid above (issue 14): batch-1 decode and verify (the
+    # latency case: the seeds' v5p benchmark ran Qwen3-4B, whose attention geometry, 32 / 8 /
+    # 128, is Qwen3-8B's), 32k-key contexts, pages of 128 tokens, and head_dim 64 (Llama-3.2-1B:
+    # 32 q heads, 8 KV heads).
+    for q_len, tag in ((1, "decode"), (16, "verify16")):
+        out.append(PagedAttentionShape(f"{tag}-b1-ctx4096-p16", 1, q_len, 4096))
+        out.append(PagedAttentionShape(f"{tag}-b8-ctx32768-p16", 8, q_len, 32768))
+        out.append(PagedAttentionShape(f"{tag}-b8-ctx4096-p128", 8, q_len, 4096, page_size=128))
+        out.append(PagedAttentionShape(f"{tag}-b8-ctx4096-p16-hd64", 8, q_len, 4096,
+                                       head_dim=64))
+    out.append(PagedAttentionShape("decode-b64-ctx4096-p128", 64, 1, 4096, page_size=128))
+    out.append(PagedAttentionShape("decode-b64-ctx4096-p16-hd64", 64, 1, 4096, head_dim=64))
     # 8-bit caches (per-(head, token) f32 scales), q and output bf16
     for cache, tag in (("int8", "int8"), ("float8_e4m3fn", "fp8")):
         for page_size in (16, 32, 64):
@@ -103,6 +117,9 @@ VERIFY_ACCEPT: list[VerifyAcceptShape] = [
     VerifyAcceptShape("qwen3-b64-bs16-sampling", 64, 16, 151936, sampling=True),
     VerifyAcceptShape("llama31-b1-bs10-greedy", 1, 10, 128256),
     VerifyAcceptShape("llama31-b1-bs10-sampling", 1, 10, 128256, sampling=True),
+    # The seeds' v5p benchmark: Qwen3-4B (vocab 151936) with its 16-token drafter, batch 1.
+    VerifyAcceptShape("qwen3-4b-b1-bs16-greedy", 1, 16, 151936),
+    VerifyAcceptShape("qwen3-4b-b1-bs16-sampling", 1, 16, 151936, sampling=True),
 ]
 
 CATALOGUE = {
