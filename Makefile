@@ -20,7 +20,7 @@ PY := $(VENV)/bin/python
 JAX_PIN := $(if $(JAX),'jax[tpu]==$(JAX)' 'jaxlib==$(JAX)',)
 STAMP := $(VENV)/.installed-jax-$(if $(JAX),$(JAX),newest)
 
-.PHONY: test demo bench bench-ci mutants install versions clean
+.PHONY: test demo bench bench-ci mutants install versions clean peers static-peers
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || '$(PY_EXE)' -m venv $(VENV)
@@ -55,6 +55,34 @@ bench-ci: $(STAMP)
 # the tree, runs the tests that should catch it, prints caught / survived and the caught rate.
 mutants: $(STAMP)
 	$(PY) -m tests.mutation --min-rate 95 $(MUTANTS_ARGS)
+
+# The peers for `bench static` side by side (bench/kernels/peer_*.py): tpu-inference 0.32.0 (RPA v3,
+# its RejectionSampler) and tokamax 0.0.17 (batched ragged paged attention), in a venv of their
+# own on CPython >= 3.12 with the newest jax. Not dependencies of the library and none of their
+# code is in this tree: tpu-inference pins jax 0.11.2 and pulls in vLLM, so both go in with
+# --no-deps, plus the few packages their kernel modules import.
+PEERS_PY_EXE := $(shell .ci/find-python '>=3.12' 2>/dev/null)
+PEERS_VENV ?= .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed-peers
+PEERS_PINS := tpu-inference==0.32.0 tokamax==0.0.17
+
+$(PEERS_STAMP): pyproject.toml
+	test -n '$(PEERS_PY_EXE)' || { echo 'make peers needs CPython >= 3.12 (.ci/find-python)'; exit 1; }
+	test -x $(PEERS_PY) || '$(PEERS_PY_EXE)' -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check -e '.[test,tpu]'
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check --no-deps $(PEERS_PINS)
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check absl-py einshape jaxtyping \
+	    pydantic immutabledict typing_extensions
+	touch $(PEERS_STAMP)
+
+peers: $(PEERS_STAMP)
+	@$(PEERS_PY) -c 'import importlib.metadata as m; print(*("%s %s" % (d, m.version(d)) for d in ("jax", "libtpu", "tpu-inference", "tokamax")))'
+
+# The whole static table, ours and the peers side by side (v5p unless STATIC_ARGS says otherwise).
+static-peers: peers
+	$(PEERS_PY) -m bench static --all $(STATIC_ARGS)
 
 clean:
 	rm -rf .venv-* .venv .pytest_cache .hypothesis .benchmarks
