@@ -37,9 +37,9 @@ def n_examples(ci_count):
 ALPHA = 1e-6          # per chi-square test: a false failure of the module is rarer than 1e-4
 
 
-def _blocks(B, bb, tv):
+def _blocks(B, bb, tv, splits=1):
     bb = max(d for d in range(1, bb + 1) if B % d == 0)
-    return VerifyAcceptBlockSizes(bb, tv)
+    return VerifyAcceptBlockSizes(bb, tv, splits)
 
 
 def make_case(seed, B, bs, V, dtype, *, mode="random", ties=False, neg_inf=False,
@@ -153,7 +153,8 @@ def test_greedy_matches_reference_and_argmax(data):
     mode = data.draw(st.sampled_from(["random", "accept", "reject"]))
     ties = data.draw(st.booleans())
     neg_inf = data.draw(st.booleans())
-    bsz = _blocks(B, data.draw(st.sampled_from([1, 2, 4])), data.draw(st.sampled_from([128, 256])))
+    bsz = _blocks(B, data.draw(st.sampled_from([1, 2, 4])), data.draw(st.sampled_from([128, 256])),
+                  data.draw(st.sampled_from([1, 2])))      # 2: the vocabulary over two cores
     logits, d, kw = make_case(data.draw(st.integers(0, 2 ** 16)), B, bs, V, dtype, mode=mode,
                               ties=ties, neg_inf=neg_inf)
     want = ref.verify_accept(logits, d)
@@ -207,7 +208,8 @@ def _tie_logits(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("impl", ["kernel", "kernel-8192-tiles", "xla", "reference"])
+@pytest.mark.parametrize("impl", ["kernel", "kernel-8192-tiles", "kernel-2-splits", "xla",
+                                  "reference"])
 def test_greedy_ties_resolve_to_the_lowest_index(impl, dtype):
     logits = _tie_logits(dtype)
     drafts = jnp.asarray(TIE_DRAFTS, jnp.int32)
@@ -219,6 +221,9 @@ def test_greedy_ties_resolve_to_the_lowest_index(impl, dtype):
         got = verify_accept(logits, drafts)
     elif impl == "kernel-8192-tiles":   # 19 vocabulary grid steps, one sequence per step
         got = verify_accept(logits, drafts, block_sizes=VerifyAcceptBlockSizes(1, 8192))
+    elif impl == "kernel-2-splits":     # tiles 0-9 and 10-18 on two cores: row (0, 2) ties
+        got = verify_accept(logits, drafts,   # across the split, split 1 has a step to spare
+                            block_sizes=VerifyAcceptBlockSizes(1, 8192, vocab_splits=2))
     elif impl == "xla":
         got = verify_accept_xla.verify_accept(logits, drafts)
     else:
@@ -255,7 +260,7 @@ def _tied_sampling_case(seed=12345, position=77, V=1000):
     return jnp.asarray(x), ties, kw
 
 
-@pytest.mark.parametrize("impl", ["kernel", "kernel-128-tiles", "xla"])
+@pytest.mark.parametrize("impl", ["kernel", "kernel-128-tiles", "kernel-2-splits", "xla"])
 def test_sampling_ties_resolve_to_the_lowest_index(impl):
     logits, ties, kw = _tied_sampling_case()
     drafts = jnp.asarray([[ties[0][0]]], jnp.int32)      # the lower tied index: accepted
@@ -263,6 +268,8 @@ def test_sampling_ties_resolve_to_the_lowest_index(impl):
         got = verify_accept(logits, drafts, **kw)
     elif impl == "kernel-128-tiles":                     # the pair in different grid steps
         got = verify_accept(logits, drafts, block_sizes=VerifyAcceptBlockSizes(1, 128), **kw)
+    elif impl == "kernel-2-splits":                      # row 1's pair on different cores
+        got = verify_accept(logits, drafts, block_sizes=VerifyAcceptBlockSizes(1, 128, 2), **kw)
     else:
         got = verify_accept_xla.verify_accept(logits, drafts, **kw)
         # the tie is exact: one ulp more on the higher index and it wins
@@ -328,7 +335,8 @@ def test_sampling_matches_reference(data):
     mode = data.draw(st.sampled_from(["random", "accept", "reject"]))
     probs = data.draw(st.booleans())
     pad = data.draw(st.sampled_from([0, 0, 2]))
-    bsz = _blocks(B + pad, data.draw(st.sampled_from([1, 2])), 128)
+    bsz = _blocks(B + pad, data.draw(st.sampled_from([1, 2])), 128,
+                  data.draw(st.sampled_from([1, 2])))
     logits, d, kw = make_case(data.draw(st.integers(0, 2 ** 16)), B, bs, V, dtype, mode=mode,
                               neg_inf=data.draw(st.booleans()), sampling=True, probs=probs,
                               pad=pad)
@@ -546,12 +554,13 @@ def test_kernel_sampling_large_batch_equals_xla():
 
 
 @pytest.mark.parametrize("mode", ["on_wait", "eager"])
-@pytest.mark.parametrize("sampling", [True, pytest.param(False, marks=slow)])
-def test_no_races(mode, sampling):
+@pytest.mark.parametrize("sampling, splits", [(True, 1), (True, 2),
+                                              pytest.param(False, 1, marks=slow)])
+def test_no_races(mode, sampling, splits):
     logits, d, kw = make_case(21, 4, 3, 300, jnp.bfloat16, mode="random", sampling=sampling,
                               pad=2)
     jl, jd, jkw = _to_jnp(logits, d, kw, jnp.bfloat16)
-    got = verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(2, 128),
+    got = verify_accept(jl, jd, block_sizes=VerifyAcceptBlockSizes(2, 128, splits),
                         interpret=race_check_params(mode), **jkw)
     jax.block_until_ready(got)
     assert not races_found()
@@ -583,6 +592,24 @@ def test_static_errors():
         VerifyAcceptBlockSizes(1, 100)
     with pytest.raises(ValueError):
         VerifyAcceptBlockSizes(0, 128)
+    with pytest.raises(ValueError):
+        VerifyAcceptBlockSizes(1, 128, vocab_splits=3)
+
+
+def test_default_block_sizes_split_the_vocabulary_on_megacore_at_batch_one():
+    """One sequence block on v5p (two TensorCores): the vocabulary in two runs of an equal
+    number of tiles; never on a one-core chip, never when there are blocks for both cores."""
+    from pallas_ops.verify.block_sizes import default_block_sizes
+
+    for B, bs, V in ((1, 10, 128256), (1, 16, 151936), (1, 3, 1000)):
+        b = default_block_sizes(B, bs, V, 2, "v5p")
+        tiles = -(-V // b.vocab_tile)
+        assert b.vocab_splits == 2 and tiles % 2 == 0 and b.vocab_tile % 128 == 0, b
+        assert default_block_sizes(B, bs, V, 2, "v5e").vocab_splits == 1
+        assert default_block_sizes(B, bs, V, 2, "v6e").vocab_splits == 1
+    assert default_block_sizes(64, 16, 151936, 2, "v5p").vocab_splits == 1
+    assert default_block_sizes(2, 16, 151936, 2, "v5p").vocab_splits == 1
+    assert default_block_sizes(1, 16, 128, 2, "v5p").vocab_splits == 1   # one tile: no split
 
 
 def _specs(B, bs, V, dtype, sampling, probs=False):

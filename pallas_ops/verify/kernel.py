@@ -51,7 +51,8 @@ from pallas_ops.verify.block_sizes import LANES
 from pallas_ops.verify.result import VerifyResult
 from pallas_ops.verify.filter_kernel import BAD, NOT_FAST, filters_call
 from pallas_ops.verify.xla import (add_logprobs, combine_rows, finish_onehot, finish_probs,
-                                   row_drafts, row_params, seq_valid, vocab_offset, vocab_size)
+                                   merge_splits, row_drafts, row_params, seq_valid, vocab_offset,
+                                   vocab_size)
 
 _NEG_INF = float("-inf")
 _BIG = 2 ** 31 - 1
@@ -68,7 +69,7 @@ def _chunk_unroll(nchunks: int) -> int:
     return 1
 
 
-def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_lse):
+def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_lse, splits, nvs):
     it = iter(refs)
     # Prefetch
     ns_ref = next(it)                                  # SMEM int32 [1]: num_seqs
@@ -103,17 +104,23 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         lm_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running max
         ls_sc = next(it)                               # VMEM f32 [bb, bs, 1]: lse running sum
 
-    i = pl.program_id(0)
-    v = pl.program_id(1)
-    nv = pl.num_programs(1)
+    if splits > 1:   # grid (splits, blocks, tiles per split): split s holds tiles s*nvs ...
+        i, vl = pl.program_id(1), pl.program_id(2)
+        v = pl.program_id(0) * nvs + vl                # the global vocabulary tile
+        nv = pl.cdiv(V, tv)
+        first, last = vl == 0, vl == nvs - 1
+    else:
+        i, v = pl.program_id(0), pl.program_id(1)
+        nv = pl.num_programs(1)
+        first, last = v == 0, v == nv - 1
     ns = ns_ref[0]
-    live = i * bb < ns
+    live = (i * bb < ns) & (v < nv)                    # (a split's steps past the last tile)
     nchunks = tv // LANES
     unroll = _chunk_unroll(nchunks)
     ngroups = nchunks // unroll
     tail = V % tv != 0
 
-    @pl.when(v == 0)
+    @pl.when(first)
     def _init():
         m_sc[...] = jnp.full(m_sc.shape, _NEG_INF, jnp.float32)
         c_sc[...] = jnp.zeros(c_sc.shape, jnp.int32)
@@ -258,7 +265,7 @@ def _kernel(*refs, V, tv, bs, bb, sampling, with_lse, stats, filtered, greedy_ls
         def _body():
             process(False)
 
-    @pl.when(v == nv - 1)
+    @pl.when(last)
     def _finish():
         m = m_sc[...]
         mx = jnp.max(m, axis=-1, keepdims=True)                               # [bb, bs, 1]
@@ -299,10 +306,15 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, b
                  stats, interpret, chip, greedy_lse=False):
     """stats=False: the accept scan in the kernel -> (tokens [B, bs, 1], num_accepted [B, 1, 1]).
     stats=True: per-row statistics of this vocabulary shard (columns offset .. offset + V - 1)
-    -> (winner index, NaN flag, winner score[, lse]) each [B, bs, 1]."""
+    -> (winner index, NaN flag, winner score[, lse]) each [B, bs, 1]; with bsz.vocab_splits = S
+    > 1 (stats only) each [S * B, bs, 1], split s's rows at s * B .. (merged by `merge_splits`)."""
     B, bs, V = logits.shape
     bb, tv = bsz.seqs_per_block, bsz.vocab_tile
     nblk, nv = B // bb, pl.cdiv(V, tv)
+    splits = min(bsz.vocab_splits, nv)
+    nvs = pl.cdiv(nv, splits)
+    if splits > 1 and not stats:
+        raise ValueError("vocab_splits > 1 needs the per-row statistics path (stats=True)")
     sampling = params is not None
 
     def blk(i, ns_ref):
@@ -313,15 +325,26 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, b
         last = jnp.maximum(lax.div(ns_ref[0] + (bb - 1), jnp.int32(bb)), 1) - 1
         return jnp.minimum(i, last), i * bb >= ns_ref[0]
 
-    def logits_map(i, v, ns_ref, *_):
+    def grid_ids(g):
+        """(split, sequence block, global vocabulary tile, ns_ref) of grid indices g."""
+        if splits > 1:
+            sp, i, vl, ns_ref = g[:4]
+            return sp, i, jnp.minimum(sp * nvs + vl, nv - 1), ns_ref
+        i, v, ns_ref = g[:3]
+        return 0, i, v, ns_ref
+
+    def logits_map(*g):
+        _, i, v, ns_ref = grid_ids(g)
         bi, pad = blk(i, ns_ref)
         return bi, 0, jnp.where(pad, nv - 1, v)
 
-    def row_map(i, v, ns_ref, *_):
+    def row_map(*g):
+        _, i, _, ns_ref = grid_ids(g)
         return blk(i, ns_ref)[0], 0, 0
 
-    def out_map(i, v, *_):
-        return i, 0, 0
+    def out_map(*g):
+        sp, i, _, _ = grid_ids(g)
+        return sp * nblk + i, 0, 0
 
     row_spec = pl.BlockSpec((bb, bs, 1), row_map)
     in_specs = [pl.BlockSpec((bb, bs, tv), logits_map), row_spec]
@@ -339,11 +362,12 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, b
         in_specs += [row_spec] * 2
         args += [filter_rows[0][..., None], filter_rows[1][..., None]]
     if stats:
-        out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
-                     jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
-                     jax.ShapeDtypeStruct((B, bs, 1), jnp.float32)]
+        SB = splits * B
+        out_shape = [jax.ShapeDtypeStruct((SB, bs, 1), jnp.int32),
+                     jax.ShapeDtypeStruct((SB, bs, 1), jnp.int32),
+                     jax.ShapeDtypeStruct((SB, bs, 1), jnp.float32)]
         if with_lse:
-            out_shape.append(jax.ShapeDtypeStruct((B, bs, 1), jnp.float32))
+            out_shape.append(jax.ShapeDtypeStruct((SB, bs, 1), jnp.float32))
         out_specs = [pl.BlockSpec((bb, bs, 1), out_map)] * len(out_shape)
     else:
         out_shape = [jax.ShapeDtypeStruct((B, bs, 1), jnp.int32),
@@ -372,19 +396,19 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, b
                          f"{budget}-byte budget of {chip or 'the fallback chip'}")
     kernel = functools.partial(_kernel, V=V, tv=tv, bs=bs, bb=bb, sampling=sampling,
                                with_lse=with_lse, stats=stats, filtered=filtered,
-                               greedy_lse=greedy_lse)
+                               greedy_lse=greedy_lse, splits=splits, nvs=nvs)
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch),
-            grid=(nblk, nv),
+            grid=(splits, nblk, nvs) if splits > 1 else (nblk, nv),
             in_specs=in_specs,
             out_specs=out_specs,
             scratch_shapes=scratch,
         ),
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "arbitrary"),
+            dimension_semantics=(("parallel",) if splits > 1 else ()) + ("parallel", "arbitrary"),
             vmem_limit_bytes=int(min(budget, max(2 * vmem, 16 * 1024 * 1024))),
         ),
         cost_estimate=cost,
@@ -410,7 +434,8 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     with_lse = (draft_probs is not None and params is not None) or logprobs
-    stats = with_lse or axis is not None
+    splits = min(bsz.vocab_splits, pl.cdiv(V, bsz.vocab_tile))
+    stats = with_lse or axis is not None or splits > 1
     ns = jnp.clip(num_seqs, 0, B).reshape(1)
     valid = seq_valid(B, num_seqs)
 
@@ -433,9 +458,12 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
             return VerifyResult(acc[:, 0, 0], tok[..., 0])
         idx, nan, mx, *lse = (o[..., 0] for o in outs)
         lse = lse[0] if lse else None
+        # Both TensorCores' halves of each row (both give a row the filter pass sampled its
+        # token, so the merge keeps it).
+        idx, nan, mx, lse = merge_splits(idx, nan > 0, mx, lse, splits)
         if filtered is not None and lse is not None:   # rows the filter pass sampled
             lse = jnp.where(filtered[1] >= 0, flse, lse)
-        idx, bad, lse = combine_rows(idx, nan > 0, mx, lse, axis)
+        idx, bad, lse = combine_rows(idx, nan, mx, lse, axis)
         return finish(idx, bad, lse, None if filtered is None else filtered[0])
 
     if params is None or filt is None:

@@ -93,16 +93,34 @@ def combine_rows(idx, nan, mx, lse, axis):
         i2f = lambda v: lax.bitcast_convert_type(v, jnp.float32)                      # noqa: E731
         parts = [f2i(mx), idx, nan.astype(jnp.int32)] + ([f2i(lse)] if lse is not None else [])
         every = lax.all_gather(jnp.stack(parts), axis)          # [shards, 3 | 4, B, bs]
-        mxs, idxs, nans = i2f(every[:, 0]), every[:, 1], every[:, 2]
-        mx = jnp.max(mxs, 0)
-        idx = jnp.min(jnp.where(mxs == mx, idxs, _BIG), 0)
-        nan = jnp.max(nans, 0) > 0
-        if lse is not None:
-            lses = i2f(every[:, 3])
-            m = jnp.max(lses, 0)
-            m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-            lse = m_safe + jnp.log(jnp.sum(jnp.exp(lses - m_safe), 0))
+        idx, nan, mx, lse = _merge(every[:, 1], every[:, 2] > 0, i2f(every[:, 0]),
+                                   None if lse is None else i2f(every[:, 3]))
     return idx, nan | (mx == -jnp.inf), lse
+
+
+def _merge(idxs, nans, mxs, lses):
+    """Row statistics of contiguous vocabulary parts stacked on axis 0 -> the whole row's: the
+    highest score wins, the lowest global index among equal scores; NaN anywhere; lse by
+    log-sum-exp (None: not computed)."""
+    mx = jnp.max(mxs, 0)
+    idx = jnp.min(jnp.where(mxs == mx, idxs, _BIG), 0)
+    nan = jnp.any(nans, 0)
+    lse = None
+    if lses is not None:
+        m = jnp.max(lses, 0)
+        m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+        lse = m_safe + jnp.log(jnp.sum(jnp.exp(lses - m_safe), 0))
+    return idx, nan, mx, lse
+
+
+def merge_splits(idx, nan, mx, lse, splits):
+    """The kernel's per-split row statistics ([splits * B, bs] each, split s at rows s * B ..)
+    -> those of whole rows ([B, bs]), as `combine_rows` merges vocabulary shards."""
+    if splits == 1:
+        return idx, nan, mx, lse
+    parts = (x.reshape((splits, -1) + x.shape[1:]) if x is not None else None
+             for x in (idx, nan, mx, lse))
+    return _merge(*parts)
 
 
 def vocab_size(V_local, axis):
