@@ -120,6 +120,18 @@ def main_loop(shape, *, chip: str = "v5p"):
     # Rows actually DMA'd per tile, on average: whole tiles, plus the straddling tile's
     # 128-row chunks below ctx_len (so a 512-row context moves 512 rows, not a 1024-row tile).
     rows = -(-shape.ctx_len // 128) * 128 / tiles
+    # A context shorter than one tile (ctx 512 at 1024-row tiles) runs only the masked path, in
+    # SUB-row sub-tiles holding its rows: the unmasked body is skipped, the masked body and its
+    # sub-tile loop run. Longer contexts: declared as interior tiles (the catalogue's are whole
+    # multiples of the tile).
+    from pallas_ops.block.kernel import MASKED_SUBTILE
+
+    tile = bsz.ctx_tile
+    sub = max(d for d in range(128, min(MASKED_SUBTILE, tile) + 1, 128) if tile % d == 0)
+    if tiles == 1 and shape.ctx_len % tile:
+        masked_path, sub_tiles = (True, False, False), -(-shape.ctx_len // sub)
+    else:
+        masked_path, sub_tiles = (False, True, True), 0
     return MainLoop(
         call_name=CALL_NAME,
         bytes_per_iteration=int(2 * hb * rows * (shape.head_dim * _cache_itemsize(shape)
@@ -133,8 +145,8 @@ def main_loop(shape, *, chip: str = "v5p"):
         # when B > 1, the last tile's prefetch of the next sequence's first tile (+2 nested),
         # then the unmasked body, the masked body and the guard of its sub-tile loop. An
         # interior tile skips all but the unmasked body, and never enters the sub-tile loop.
-        taken_branches=(True,) * (5 if shape.batch > 1 else 2) + (False, True, True),
-        inner_trips=(0,),
+        taken_branches=(True,) * (5 if shape.batch > 1 else 2) + masked_path,
+        inner_trips=(sub_tiles,),
     )
 
 
