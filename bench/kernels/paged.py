@@ -83,7 +83,7 @@ def resolved_block_sizes(shape, chip: str):
                    num_kv_heads=shape.num_kv_heads,
                    group=shape.num_q_heads // shape.num_kv_heads, page_size=shape.page_size,
                    pages_per_seq=shape.pages_per_seq, page_align=align,
-                   quantized=bool(shape.cache_dtype))
+                   quantized=bool(shape.cache_dtype), head_dim=shape.head_dim)
 
 
 def build(shape, *, chip: str = "v5p", interpret=False):

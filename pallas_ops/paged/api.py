@@ -67,7 +67,7 @@ def paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_s
                  num_kv_heads=geo.num_kv_heads, group=geo.group, page_size=geo.page_size,
                  pages_per_seq=geo.pages_per_seq,
                  page_align=scale_page_align(geo.page_size) if quantized else 1,
-                 quantized=quantized)
+                 quantized=quantized, head_dim=geo.head_dim)
     scale = 1.0 / math.sqrt(geo.head_dim) if sm_scale is None else float(sm_scale)
     kv = (k_pages, v_pages, k_scales, v_scales) if quantized else (k_pages, v_pages)
     return run_paged_attention(q, kv, kv_lens, page_indices, cu_q_lens, num_seqs,

@@ -94,7 +94,7 @@ def _pow2_ceil(x: int) -> int:
 def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, num_tokens: int,
             max_seqs: int, num_kv_heads: int, group: int, page_size: int,
             pages_per_seq: int, head_align: int = 1, page_align: int = 1,
-            quantized: bool = False) -> ResolvedBlockSizes:
+            quantized: bool = False, head_dim: int = 128) -> ResolvedBlockSizes:
     """Turns (possibly partial) block sizes into concrete ones for a call; ValueError if invalid.
 
     head_align: KV heads per grid step must be a multiple of it or all of them (the interleaved
@@ -104,9 +104,16 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
     page_align: a KV block that is not a sequence's whole page table holds a multiple of it
     pages (8-bit caches: their scales are DMA'd in whole 128-key lane granules).
     quantized: an 8-bit cache (its own default table).
+    head_dim: with the table's kv_tokens (block_sizes None) a decode-like call at head_dim < 128
+    takes 128 / head_dim times the keys per block: the per-key softmax work does not shrink
+    with D, so the same bytes per block keep it HBM-bound (v5p, D = 64, decode-b64-ctx4096-p16:
+    2949 bundles per 1024-key block, issue 1.11x; 2048 keys: 0.96x).
     """
+    scale_keys = 1
     if block_sizes is None:
         block_sizes = default_block_sizes(chip, quantized=quantized)
+        if not quantized and head_dim < 128 and num_tokens <= max_seqs:
+            scale_keys = max(1, 128 // head_dim)
     if not isinstance(block_sizes, PagedAttentionBlockSizes):
         raise ValueError(f"block_sizes must be a PagedAttentionBlockSizes or None, got "
                          f"{type(block_sizes).__name__}")
@@ -116,7 +123,7 @@ def resolve(block_sizes: PagedAttentionBlockSizes | None, *, chip: str | None, n
         megacore = True  # unknown target: keep two grid entries along the parallel axis
 
     # KV block: whole pages, no more than one sequence can use.
-    pages_per_block = max(1, block_sizes.kv_tokens // page_size)
+    pages_per_block = max(1, block_sizes.kv_tokens * scale_keys // page_size)
     if pages_per_block < pages_per_seq:
         pages_per_block = max(page_align, pages_per_block // page_align * page_align)
     pages_per_block = min(pages_per_block, pages_per_seq)
