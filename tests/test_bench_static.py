@@ -439,6 +439,24 @@ def test_missing_kernel_module_is_skipped_with_reason():
     assert "no_such_kernel" in table and "skipped" in table
 
 
+def test_peer_tokamax_rpa_schedule_counts():
+    """Without tokamax the module is skipped with a reason; with it (the peers venv), its
+    schedule counts follow tokamax's seq / q / k loops and the op's heuristic block sizes."""
+    from bench import kernels
+
+    mod, reason = kernels.load_module("peer_tokamax_rpa")
+    if mod is None:
+        assert "tokamax" in reason
+        pytest.skip(reason)
+    assert mod.heuristics_config()["bkv_sz"] == 512
+    decode = mod.main_loop(mod.find("decode-b8-ctx4096-p16"), chip="v5p")
+    assert (decode.call_name, decode.iterations) == ("RPAd-nhs-p16-b8-q1-k512", 8)
+    assert decode.bytes_per_iteration == 8 * 512 * 2 * 8 * 128 * 2     # 8 slots x 512 keys
+    mixed = mod.main_loop(mod.find("mixed-b8-ctx4096-p16"), chip="v5p")
+    assert (mixed.call_name, mixed.iterations) == ("RPAm-nhs-p16-b2-q128-k512", 36)
+    assert not any(s.cache_dtype for s in mod.shapes())
+
+
 # ---------------------------------------------------------------------------------------------
 # Real compiles (libtpu): the minimal loop at doubling widths, and the whole path on the peer.
 
