@@ -11,9 +11,10 @@ from __future__ import annotations
 import importlib
 
 # Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped
-# (peer_rpa_v3 needs tpu-inference, not a dependency: see its docstring).
+# (peer_rpa_v3, peer_tpu_sampler and peer_rpa_v3_draft need tpu-inference, not a dependency:
+# see their docstrings).
 KERNELS = ("paged", "ragged", "block", "verify", "verify_filters", "peer_jax_paged",
-           "peer_jax_ragged", "peer_rpa_v3")
+           "peer_jax_ragged", "peer_rpa_v3", "peer_tpu_sampler", "peer_rpa_v3_draft")
 
 
 def load_module(kernel: str):
