@@ -11,10 +11,11 @@ from __future__ import annotations
 import importlib
 
 # Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped
-# (peer_rpa_v3 needs tpu-inference, peer_tokamax_rpa tokamax: not dependencies, see their
-# docstrings).
+# (peer_rpa_v3, peer_tpu_sampler and peer_rpa_v3_draft need tpu-inference, peer_tokamax_rpa
+# tokamax: not dependencies, see their docstrings and `make peers`).
 KERNELS = ("paged", "ragged", "block", "verify", "verify_filters", "peer_jax_paged",
-           "peer_jax_ragged", "peer_rpa_v3", "peer_tokamax_rpa")
+           "peer_jax_ragged", "peer_rpa_v3", "peer_tokamax_rpa", "peer_tpu_sampler",
+           "peer_rpa_v3_draft")
 
 
 def load_module(kernel: str):
