@@ -282,6 +282,24 @@ def test_side_by_side_pairs_shapes_and_marks_the_fastest():
     assert "| e | v5p | 10.0 | **20.0 (50%)** | n/a | paged | - |" in text
 
 
+def test_from_json_merges_runs(tmp_path, capsys):
+    """Runs written with --json (e.g. two halves of --all in parallel) print as one table."""
+    a = static.Result(kernel="paged", shape="a", chip="v5p", bound="HBM", predicted_us=20.0,
+                      limit_us=10.0, limit_kind="HBM", efficiency=0.5, issue_over_hbm=0.5,
+                      libtpu="0.0.50.1")
+    b = static.Result(kernel="peer_p", shape="a", chip="v5p", bound="issue", predicted_us=40.0,
+                      limit_us=10.0, limit_kind="HBM", efficiency=0.25, issue_over_hbm=2.0,
+                      peer=True, libtpu="0.0.50.1")
+    paths = []
+    for i, r in enumerate((a, b)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps([r.to_dict()]))
+    assert cli.main(["--from-json", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "| paged | a | v5p | - | - | HBM (0.50x) | 20.0 |" in out
+    assert "| a | v5p | 10.0 | **20.0 (50%)** | 40.0 (25%) | paged | 0.50x |" in out
+
+
 def test_dump_format_table():
     assert all(f.delay_slots == 4 for f in static_parse.FORMATS.values())
     assert static_parse.dump_format("0.0.42.1").jax == "0.10.2"

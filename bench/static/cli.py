@@ -125,6 +125,16 @@ def side_by_side(results: list[Result]) -> str:
     return "\n\n".join(out)
 
 
+def load_results(paths) -> list[Result]:
+    """Results written by `--json` (one or more runs, in order)."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    out = []
+    for path in paths:
+        for d in json.loads(pathlib.Path(path).read_text()):
+            out.append(Result(**{k: v for k, v in d.items() if k in fields}))
+    return out
+
+
 def requests_for(kernels, shapes_, chips) -> list[tuple[str, str, str]]:
     out = []
     for kernel in kernels:
@@ -155,7 +165,21 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON here")
     p.add_argument("--keep-dumps", help="keep the final_bundles / allocation dumps in this dir")
     p.add_argument("--loops", action="store_true", help="also print every loop of each kernel")
+    p.add_argument("--from-json", nargs="+", metavar="JSON",
+                   help="print the tables of earlier runs' --json files (merged) instead of "
+                   "compiling")
     a = p.parse_args(argv)
+    if a.from_json:
+        results = load_results(a.from_json)
+        libtpus = sorted({r.libtpu for r in results if r.libtpu})
+        print(f"libtpu {', '.join(libtpus) or '?'} (from {', '.join(a.from_json)})\n")
+        print(markdown_table(results))
+        peers = side_by_side(results)
+        if peers:
+            print("\nSide by side (predicted us, efficiency = limit / predicted; bold: the "
+                  "fastest):\n")
+            print(peers)
+        return 0
     version = static_parse.libtpu_version()
     if not static_parse.is_supported(version):
         print(f"warning: libtpu {version} installed; the dump format was checked on libtpu "
