@@ -24,13 +24,14 @@ and takes a flattened page table and a `distribution` (cumulative decode / prefi
 sequence counts). It runs, for each of its three cases (decode, prefill, mixed), a scheduler
 pallas_call (`rpa_metadata_schedule`: the list of (sequence, q block, KV block) tasks of that
 case's sequences, and their DMA descriptors) and the attention pallas_call, which does nothing
-for a case without sequences. Decode: distribution (B, B, B) (the decode kernel); verify: the
-decode kernel at `decode_query_size=16` (its speculative-decoding bucket: bq 16, bq_c 1); the
-mixed batch: all 8 sequences in the mixed case (0, 0, 8) (the one case whose kernel takes
-every q length; with decode_query_size 16 the batch would split over two attention calls). The
-8-bit-cache shapes are not run: tokamax takes an fp8 cache only with per-tensor scales (static
-floats) or per-token scales in the SEQ_ALONG_LANE layout, not the catalogue's per-(head, token)
-f32 scales.
+for a case without sequences. Decode: distribution (B, B, B) (the decode kernel); verify and the
+mixed batch: the mixed case (0, 0, B) (its kernel takes every q length; verify sequences are
+not decode ones at the call's default decode_query_size=1). Its speculative-decoding bucket
+(decode_query_size=16: verify in the decode kernel at bq 16, bq_c 1) does not fit v5p's VMEM
+with the op's decode blocks (libtpu 0.0.50.1: 86.8M used of 63.9M at verify16-b8-ctx4096-p16),
+so it is not what a user of the defaults can run. The 8-bit-cache shapes are not run: tokamax
+takes an fp8 cache only with per-tensor scales (static floats) or per-token scales in the
+SEQ_ALONG_LANE layout, not the catalogue's per-(head, token) f32 scales.
 
 Grid: none (one kernel instance), one TensorCore on v5p; inside it a loop over chunks of the
 schedule (one chunk at these shapes) around `pltpu.emit_pipeline` over the schedule's steps.
@@ -57,7 +58,6 @@ from bench.kernels import paged as paged_mod
 
 KERNEL = "peer_tokamax_rpa"
 _PKG = "tokamax._src.ops.batched_rpa"
-_VERIFY_QUERY_SIZE = 16     # decode_query_size for the verify shapes (their q_len)
 
 
 def _root() -> str:
@@ -119,13 +119,18 @@ def find(name: str):
 
 
 def decode_query_size(shape) -> int:
-    return 1 if shape.mixed or shape.q_len == 1 else _VERIFY_QUERY_SIZE
+    """The call's default (1): only q_len-1 sequences are decode ones."""
+    return 1
 
 
 def distribution(shape) -> tuple[int, int, int]:
-    """(decode, decode + prefill, all) sequence counts: mixed batch in the mixed case."""
+    """(decode, decode + prefill, all) sequence counts: verify and mixed in the mixed case."""
     s = shape.num_seqs
-    return (0, 0, s) if shape.mixed else (s, s, s)
+    return (s, s, s) if _is_decode(shape) else (0, 0, s)
+
+
+def _is_decode(shape) -> bool:
+    return not shape.mixed and shape.q_len == 1
 
 
 def block_sizes(shape):
@@ -143,13 +148,13 @@ def block_sizes(shape):
 def _blocks(shape):
     """The BlockSizes of the attention call that does the shape's work."""
     decode, prefill = block_sizes(shape)
-    return prefill if shape.mixed else decode
+    return decode if _is_decode(shape) else prefill
 
 
 def call_name(shape, chip: str = "v5p") -> str:
     """`kernel.get_kernel_name` for that call (HEAD_ALONG_SUBLANE, no sliding window)."""
     b = _blocks(shape)
-    symbol = "m" if shape.mixed else "d"
+    symbol = "d" if _is_decode(shape) else "m"
     return f"RPA{symbol}-nhs-p{shape.page_size}-b{b.batch_size}-q{b.bq_sz}-k{b.bkv_sz}"
 
 
