@@ -19,7 +19,11 @@ top-k and top-p masks and selects their results away with `where`), its own RNG 
 threefry key, split into bonus and rejection keys as the runner does). The sampling metadata
 carries the runner's `_cache_collision_dummy` (int32[2], no logprobs). The whole program is
 plain jnp (no pallas_call), so `WHOLE_PROGRAM = True` and there is no main_loop:
-`bench static` reads XLA's cost analysis of the compiled program.
+`bench static` reads XLA's cost analysis of the compiled program. Its sampling path's top-k
+and top-p masks are 31-step binary searches (`lax.fori_loop`) over the [B*(bs-1), V] f32
+probabilities; the cost analysis appears to count each while body once (qwen3-b64-bs16-sampling:
+8.3 GB accessed, while one pass over those probabilities is 0.58 GB), so it is a lower bound
+there.
 
 It runs under `jax.shard_map` over its mesh: here one v5p device, axes ("data", "model") of
 size 1 (tpu-inference's default 2-D axis names; its ShardingAxisName resolves ATTN_DATA to
