@@ -9,6 +9,7 @@ the kernel does matmul work.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 
 # Kernels `bench static --all` looks for, as `bench/kernels/<name>.py`; a missing one is skipped
 # (peer_rpa_v3, peer_tpu_sampler and peer_rpa_v3_draft need tpu-inference, peer_tokamax_rpa
@@ -48,3 +49,23 @@ def find_shape(kernel: str, name: str, mod=None):
             return s
     raise KeyError(f"no shape {name!r} for {kernel}; known: "
                    f"{[s.name for s in kernel_shapes(kernel, mod)]}")
+
+
+def require_peer(load, package: str) -> None:
+    """Run a peer module's loader at import; a missing distribution becomes ModuleNotFoundError
+    (name=package), which `bench static` reports as a skipped kernel."""
+    try:
+        load()
+    except importlib.metadata.PackageNotFoundError as e:
+        raise ModuleNotFoundError(f"{package} is not installed ({e}); see the peer module's "
+                                  "docstring and `make peers`", name=package) from None
+
+
+def shape_finder(kernel: str, shapes):
+    """find(name) over a module's shapes() (KeyError naming the known ones)."""
+    def find(name: str):
+        for s in shapes():
+            if s.name == name:
+                return s
+        raise KeyError(f"no shape {name!r} for {kernel}; known: {[s.name for s in shapes()]}")
+    return find

@@ -22,6 +22,7 @@ import functools
 
 import numpy as np
 
+from bench.kernels import shape_finder
 from bench import shapes as shapes_mod
 
 KERNEL = "peer_jax_paged_attention"
@@ -36,11 +37,7 @@ def shapes() -> list:
     return [s for s in shapes_mod.PAGED_ATTENTION if s.q_len == 1 and not s.mixed]
 
 
-def find(name: str):
-    for s in shapes():
-        if s.name == name:
-            return s
-    raise KeyError(f"no decode shape named {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+find = shape_finder(KERNEL, shapes)
 
 
 def pages_per_compute_block(shape) -> int:

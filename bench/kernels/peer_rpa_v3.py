@@ -30,6 +30,7 @@ import types
 
 import numpy as np
 
+from bench.kernels import require_peer, shape_finder
 from bench import shapes as shapes_mod
 from bench.kernels import paged as paged_mod
 
@@ -57,11 +58,7 @@ def _load():
     return sys.modules[full]
 
 
-try:
-    _load()
-except importlib.metadata.PackageNotFoundError as e:   # bench static: "failed to import"
-    raise ModuleNotFoundError(f"tpu-inference is not installed ({e}); see this module's "
-                              "docstring", name="tpu_inference") from None
+require_peer(_load, "tpu_inference")
 
 
 def shapes() -> list:
@@ -69,11 +66,7 @@ def shapes() -> list:
     return [s for s in shapes_mod.PAGED_ATTENTION if not s.mixed]
 
 
-def find(name: str):
-    for s in shapes():
-        if s.name == name:
-            return s
-    raise KeyError(f"no shape {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+find = shape_finder(KERNEL, shapes)
 
 
 def _case(shape):

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.kernels import shape_finder
 from bench import shapes as shapes_mod
 from bench.kernels import block as block_mod
 from bench.kernels import peer_rpa_v3   # ModuleNotFoundError without tpu-inference
@@ -52,11 +53,7 @@ def shapes() -> list:
     return [s for s in shapes_mod.BLOCK_ATTENTION if not s.quantized]
 
 
-def find(name: str):
-    for s in shapes():
-        if s.name == name:
-            return s
-    raise KeyError(f"no shape {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+find = shape_finder(KERNEL, shapes)
 
 
 def pages_per_seq(shape) -> int:

@@ -53,6 +53,7 @@ import types
 
 import numpy as np
 
+from bench.kernels import require_peer, shape_finder
 from bench import shapes as shapes_mod
 from bench.kernels import paged as paged_mod
 
@@ -99,11 +100,7 @@ def heuristics_config() -> dict:
     raise RuntimeError(f"no Config(...) in _get_heuristics_config of {path}")
 
 
-try:
-    _load()
-except importlib.metadata.PackageNotFoundError as e:   # bench static: "failed to import"
-    raise ModuleNotFoundError(f"tokamax is not installed ({e}); see this module's docstring",
-                              name="tokamax") from None
+require_peer(_load, "tokamax")
 
 
 def shapes() -> list:
@@ -111,11 +108,7 @@ def shapes() -> list:
     return [s for s in shapes_mod.PAGED_ATTENTION if not s.cache_dtype]
 
 
-def find(name: str):
-    for s in shapes():
-        if s.name == name:
-            return s
-    raise KeyError(f"no shape {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+find = shape_finder(KERNEL, shapes)
 
 
 def decode_query_size(shape) -> int:

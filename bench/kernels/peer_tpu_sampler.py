@@ -49,6 +49,7 @@ import os
 import sys
 import types
 
+from bench.kernels import require_peer, shape_finder
 from bench import shapes as shapes_mod
 from bench.kernels import verify as verify_mod
 
@@ -151,11 +152,7 @@ def _load():
     return rs, sampling
 
 
-try:
-    _load()
-except importlib.metadata.PackageNotFoundError as e:   # bench static: "failed to import"
-    raise ModuleNotFoundError(f"tpu-inference is not installed ({e}); see this module's "
-                              "docstring", name="tpu_inference") from None
+require_peer(_load, "tpu_inference")
 
 
 def shapes() -> list:
@@ -163,11 +160,7 @@ def shapes() -> list:
     return list(shapes_mod.VERIFY_ACCEPT)
 
 
-def find(name: str):
-    for s in shapes():
-        if s.name == name:
-            return s
-    raise KeyError(f"no shape {name!r} for {KERNEL}; known: {[s.name for s in shapes()]}")
+find = shape_finder(KERNEL, shapes)
 
 
 def mesh(chip: str = "v5p"):
