@@ -285,3 +285,21 @@ def main_loop(shape, *, chip: str = "v5p"):
         inner_trips=inner_trips,
         taken_branches=taken,
     )
+
+
+def packed_args(shape) -> tuple:
+    """(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution) specs of a call over
+    the packed cache [P, page_size, 2 Hkv / packing, packing, D] (tpu-inference's RPA v3 and
+    tokamax's ragged paged attention take these)."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.dtype(shape.dtype)
+    q_lens, _ = layout(shape)
+    t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
+    hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
+    packing = 4 // dt.itemsize
+    S = jax.ShapeDtypeStruct
+    return (S((t, hq, d), dt), S((t, hkv, d), dt), S((t, hkv, d), dt),
+            S((s * pps, ps, 2 * hkv // packing, packing, d), dt), S((s,), jnp.int32),
+            S((s * pps,), jnp.int32), S((s + 1,), jnp.int32), S((3,), jnp.int32))

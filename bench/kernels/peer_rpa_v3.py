@@ -95,21 +95,11 @@ def call_name(shape, chip: str) -> str:
 
 def build(shape, *, chip: str = "v5p"):
     """(fn, args): fn(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)."""
-    import jax
-    import jax.numpy as jnp
-
     k = _load()
     k.get_tpu_version = lambda: _VERSION[chip]
-    dt = jnp.dtype(shape.dtype)
-    q_lens, _ = paged_mod.layout(shape)
-    t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
-    hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
-    packing = 4 // dt.itemsize
-    S = jax.ShapeDtypeStruct
-    args = (S((t, hq, d), dt), S((t, hkv, d), dt), S((t, hkv, d), dt),
-            S((s * pps, ps, 2 * hkv // packing, packing, d), dt), S((s,), jnp.int32),
-            S((s * pps,), jnp.int32), S((s + 1,), jnp.int32), S((3,), jnp.int32))
-    return functools.partial(k.ragged_paged_attention, sm_scale=d ** -0.5), args
+    return functools.partial(k.ragged_paged_attention, sm_scale=shape.head_dim ** -0.5), \
+        paged_mod.packed_args(shape)
+
 
 
 def hbm_bytes(shape) -> int:

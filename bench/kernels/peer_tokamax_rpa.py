@@ -153,21 +153,11 @@ def call_name(shape, chip: str = "v5p") -> str:
 
 def build(shape, *, chip: str = "v5p"):
     """(fn, args): fn(q, k, v, kv_cache, kv_lens, page_indices, cu_q_lens, distribution)."""
-    import jax
-    import jax.numpy as jnp
-
     if shape.cache_dtype:
         raise ValueError(f"{KERNEL} runs the bf16-cache shapes only (see its docstring)")
     wrapper = _load()
-    dt = jnp.dtype(shape.dtype)
-    q_lens, _ = paged_mod.layout(shape)
-    t, s, pps = sum(q_lens), shape.num_seqs, shape.pages_per_seq
-    hq, hkv, d, ps = shape.num_q_heads, shape.num_kv_heads, shape.head_dim, shape.page_size
-    packing = 4 // dt.itemsize
-    S = jax.ShapeDtypeStruct
-    args = (S((t, hq, d), dt), S((t, hkv, d), dt), S((t, hkv, d), dt),
-            S((s * pps, ps, 2 * hkv // packing, packing, d), dt), S((s,), jnp.int32),
-            S((s * pps,), jnp.int32), S((s + 1,), jnp.int32), S((3,), jnp.int32))
+    d = shape.head_dim
+    args = paged_mod.packed_args(shape)      # the same arguments as RPA v3's
     decode, prefill = block_sizes(shape)
     fn = functools.partial(wrapper.ragged_paged_attention, sm_scale=d ** -0.5,
                            decode_block_sizes=decode, prefill_block_sizes=prefill,
