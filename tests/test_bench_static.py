@@ -298,6 +298,11 @@ def test_from_json_merges_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| paged | a | v5p | - | - | HBM (0.50x) | 20.0 |" in out
     assert "| a | v5p | 10.0 | **20.0 (50%)** | 40.0 (25%) | paged | 0.50x |" in out
+    # A later run's row replaces an earlier one of the same kernel, shape and chip.
+    again = tmp_path / "again.json"
+    again.write_text(json.dumps([dataclasses.replace(b, predicted_us=10.0).to_dict()]))
+    rows = cli.load_results([*map(str, paths), str(again)])
+    assert [(r.kernel, r.predicted_us) for r in rows] == [("paged", 20.0), ("peer_p", 10.0)]
 
 
 def test_dump_format_table():

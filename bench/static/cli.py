@@ -126,13 +126,16 @@ def side_by_side(results: list[Result]) -> str:
 
 
 def load_results(paths) -> list[Result]:
-    """Results written by `--json` (one or more runs, in order)."""
+    """Results written by `--json` (one or more runs, in order): a (kernel, shape, chip) row of
+    a later file replaces the same row of an earlier one."""
     fields = {f.name for f in dataclasses.fields(Result)}
-    out = []
+    out: dict[tuple, Result] = {}
     for path in paths:
         for d in json.loads(pathlib.Path(path).read_text()):
-            out.append(Result(**{k: v for k, v in d.items() if k in fields}))
-    return out
+            r = Result(**{k: v for k, v in d.items() if k in fields})
+            out.pop((r.kernel, r.shape, r.chip), None)
+            out[(r.kernel, r.shape, r.chip)] = r
+    return list(out.values())
 
 
 def requests_for(kernels, shapes_, chips) -> list[tuple[str, str, str]]:
