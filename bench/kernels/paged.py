@@ -32,6 +32,12 @@ def shapes() -> list:
     return list(shapes_mod.PAGED_ATTENTION)
 
 
+def bf16_shapes() -> list:
+    """The shapes with a bf16 cache: what kernels over jax's packed layout (ours as a drop-in,
+    jax's, RPA v3's) run at; their 8-bit forms are not the per-(head, token) scales of ours."""
+    return [s for s in shapes_mod.PAGED_ATTENTION if not s.cache_dtype]
+
+
 def find(name: str):
     return shapes_mod.find(KERNEL, name)
 

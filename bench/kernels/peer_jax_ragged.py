@@ -35,7 +35,7 @@ CALL_NAME = "ragged_paged_attention_kernel"
 # jax's device-name key and TPU version per generation (tuned_block_sizes.get_device_name).
 _DEVICE = {"v5e": (5, "TPU v5"), "v5p": (5, "TPU v5"), "v6e": (6, "TPU v6")}
 
-shapes = paged_mod.shapes
+shapes = paged_mod.bf16_shapes
 find = paged_mod.find
 layout = paged_mod.layout
 flops = paged_mod.flops

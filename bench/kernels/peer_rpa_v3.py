@@ -31,7 +31,6 @@ import types
 import numpy as np
 
 from bench.kernels import require_peer, shape_finder
-from bench import shapes as shapes_mod
 from bench.kernels import paged as paged_mod
 
 KERNEL = "peer_rpa_v3"
@@ -62,8 +61,9 @@ require_peer(_load, "tpu_inference")
 
 
 def shapes() -> list:
-    """Decode (the decode kernel) and verify (the mixed kernel) shapes; not the mixed batch."""
-    return [s for s in shapes_mod.PAGED_ATTENTION if not s.mixed]
+    """Decode (the decode kernel) and verify (the mixed kernel) shapes with a bf16 cache; not
+    the mixed batch (its fp8 caches take one static scale per tensor, not per head and token)."""
+    return [s for s in paged_mod.bf16_shapes() if not s.mixed]
 
 
 find = shape_finder(KERNEL, shapes)

@@ -20,7 +20,7 @@ from bench.kernels import paged as paged_mod
 KERNEL = "ragged_paged_attention"
 CALL_NAME = "dflash_ragged_paged_attention"
 
-shapes = paged_mod.shapes
+shapes = paged_mod.bf16_shapes
 find = paged_mod.find
 layout = paged_mod.layout
 hbm_bytes = paged_mod.hbm_bytes
