@@ -15,6 +15,12 @@ Blocks holding only padding sequences (>= num_seqs) map their DMAs onto the last
 last tile (so nothing is fetched) and skip the compute. Greedy sequences skip the noise (a
 scalar-prefetched flag per sequence), so a mixed batch pays for sampling only where T > 0.
 
+At one sequence block on a megacore chip (v5p, B = 1) the grid gets a leading "parallel" axis
+of two vocabulary halves (`VerifyAcceptBlockSizes.vocab_splits`): each TensorCore folds its
+half of every row into per-row statistics (winner, NaN flag, score, lse), which
+`xla.merge_splits` merges after the call as `combine_rows` merges vocabulary shards; the accept
+scan then runs on those [B, bs] values in XLA.
+
 Filters (top-k / top-p / min-p): sequences with one go through `filter_kernel` first, which
 samples most of them from per-lane candidates in its own read; here they are kind 3 (only the
 max is folded, to detect a NaN or a row of all -inf) or, when their kept set left the
