@@ -343,16 +343,14 @@ def _analyze_calls(r: Result, rec: dict, mod, shape, *, keep: bool = False) -> b
         if keep and r.dump_dir is None:
             r.dump_dir = str(pathlib.Path(files["bundles"]).parent)
     if multi:
-        r.calls = [{"call": p.call or taken[i], "bundles_per_iteration": p.bundles_per_iteration,
+        r.calls = [{"call": name, "bundles_per_iteration": p.bundles_per_iteration,
                     "hbm_cycles_per_iteration": p.hbm_cycles_per_iteration, "bound": p.bound,
                     "issue_over_hbm": p.issue_over_hbm, "predicted_us": p.predicted_us,
                     "vmem_bytes": p.vmem_bytes}
-                   for i, p in enumerate(parts)]
-        r.calls[0]["call"] = r.call
-        for i, p in enumerate(parts[1:], 1):
-            r.calls[i]["call"] = taken[i]
+                   for name, p in zip(taken, parts)]
+        for name, p in zip(taken[1:], parts[1:]):
             if p.reason:
-                r.reason = "; ".join(x for x in (r.reason, f"call {taken[i]}: {p.reason}") if x)
+                r.reason = "; ".join(x for x in (r.reason, f"call {name}: {p.reason}") if x)
         r.predicted_us = total_us
         r.predicted_cycles = sum(p.predicted_cycles for p in parts)
     return True
