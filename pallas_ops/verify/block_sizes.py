@@ -26,6 +26,10 @@ class VerifyAcceptBlockSizes:
     vocab_tile: int
     vocab_splits: int = 1
 
+    def splits(self, V: int) -> int:
+        """The vocabulary splits a V-entry row gets: no more than it has tiles."""
+        return min(self.vocab_splits, -(-V // self.vocab_tile))
+
     def __post_init__(self):
         if self.vocab_splits not in (1, 2):
             raise ValueError(f"vocab_splits must be 1 or 2, got {self.vocab_splits!r}")

@@ -317,7 +317,7 @@ def _verify_call(logits, drafts, ns, samp_seq, params, offset, filter_rows, *, b
     B, bs, V = logits.shape
     bb, tv = bsz.seqs_per_block, bsz.vocab_tile
     nblk, nv = B // bb, pl.cdiv(V, tv)
-    splits = min(bsz.vocab_splits, nv)
+    splits = bsz.splits(V)
     nvs = pl.cdiv(nv, splits)
     if splits > 1 and not stats:
         raise ValueError("vocab_splits > 1 needs the per-row statistics path (stats=True)")
@@ -440,7 +440,7 @@ def verify_call(logits, draft_tokens, temperature, seed, position, draft_probs, 
     params = row_params(B, bs, temperature, seed, position)
     drafts = row_drafts(draft_tokens, vocab_size(V, axis))
     with_lse = (draft_probs is not None and params is not None) or logprobs
-    splits = min(bsz.vocab_splits, pl.cdiv(V, bsz.vocab_tile))
+    splits = bsz.splits(V)
     stats = with_lse or axis is not None or splits > 1
     ns = jnp.clip(num_seqs, 0, B).reshape(1)
     valid = seq_valid(B, num_seqs)
